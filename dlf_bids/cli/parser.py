@@ -1,0 +1,94 @@
+"""The BIDS-App command line: ``dlf-bids bids_dir output_dir {participant,group}``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .. import __version__
+from ..fusion import FUSION_METHODS
+from ..registration import REGISTRATION_PRESETS
+
+EPILOG = """\
+examples:
+  dlf-bids /data/ds001 /data/ds001-seg participant --atlas-dir /data/atlases --participant-label 01 02
+  dlf-bids /data/ds001 /data/ds001-seg group
+
+exit codes: 0 success, 1 a participant failed, 2 bad arguments (argparse), 16 BIDS validation
+failed, 17 unknown analysis level, 18 the filters selected no files, 64 usage error, 65 bad input
+data, 66 missing input.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # an unknown analysis level has its own exit code in the BIDS-Apps spec
+        if "analysis_level" in message and "invalid choice" in message:
+            self.print_usage()
+            self.exit(17, f"{self.prog}: error: {message}\n")
+        super().error(message)
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="dlf-bids",
+        description="Brain MRI segmentation from a BIDS dataset into BIDS-Derivatives: multi-atlas "
+                    "registration (ANTs) with majority voting or joint label fusion.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("bids_dir", type=Path, help="root of the input BIDS dataset (read only)")
+    parser.add_argument("output_dir", type=Path,
+                        help="where derivatives are written (must be outside bids_dir)")
+    parser.add_argument("analysis_level", choices=["participant", "group"],
+                        help="participant: segment each T1w; group: summarise all participants")
+    parser.add_argument("--version", action="version", version=f"dlf-bids {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+
+    sel = parser.add_argument_group("selecting inputs")
+    sel.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL",
+                     help="subjects to process, with or without 'sub-' (default: all)")
+    sel.add_argument("--session-label", nargs="+", metavar="LABEL",
+                     help="sessions to process, with or without 'ses-' (default: all)")
+    sel.add_argument("--bids-filter-file", type=Path, metavar="FILE",
+                     help="JSON of pybids filters per query, e.g. "
+                          '{"t1w": {"acquisition": "mprage"}}; null = entity absent, "*" = any')
+    sel.add_argument("--bids-database-dir", type=Path, metavar="DIR",
+                     help="where to keep (and reuse) the pybids index (default: <work-dir>/bids_db)")
+    sel.add_argument("--skip-bids-validation", action="store_true",
+                     help="do not run the BIDS validator on the input dataset")
+
+    seg = parser.add_argument_group("segmentation")
+    seg.add_argument("--atlas-dir", type=Path, metavar="DIR",
+                     help="atlas library (images + label maps; see README) — required for participant")
+    seg.add_argument("--fusion", nargs="+", choices=FUSION_METHODS, default=["jlf"], metavar="METHOD",
+                     help=f"label fusion method(s), any of {', '.join(FUSION_METHODS)} (default: jlf)")
+    seg.add_argument("--registration-preset", choices=sorted(REGISTRATION_PRESETS), default="quick",
+                     help="ANTs registration: " + ", ".join(f"{k} = {v}" for k, v in
+                                                             sorted(REGISTRATION_PRESETS.items())))
+
+    perf = parser.add_argument_group("execution")
+    perf.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
+                      help="intermediate files; reuse it to resume a run (default: ./work)")
+    perf.add_argument("--nprocs", "--n-cpus", type=_positive_int, default=None,
+                      help="processes run in parallel (default: all available cores)")
+    perf.add_argument("--omp-nthreads", type=_positive_int, default=None,
+                      help="threads per process (registration, fusion)")
+    perf.add_argument("--mem-gb", type=float, default=None, metavar="GB",
+                      help="memory limit in GB (gigabytes) for the scheduler")
+    perf.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    perf.add_argument("--stop-on-first-crash", action="store_true",
+                      help="stop everything at the first failure instead of finishing other subjects")
+    return parser
+
+
+def default_nprocs() -> int:
+    return len(os.sched_getaffinity(0))

@@ -1,0 +1,162 @@
+"""The participant level: find inputs, build the graph, run it, say what happened."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from ..config import Config
+from ..errors import EXIT_OK, EXIT_PROCESSING_FAILED, BadDataError, UsageError
+
+LOG = logging.getLogger("dlf_bids")
+
+
+def _say(msg: str) -> None:
+    print(f"[{datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+class ProgressReporter:
+    """Nipype's status callback: one line per finished node with its elapsed time.
+
+    A module-level class rather than a closure: MultiProc pickles plugin arguments into workers.
+    """
+
+    def __init__(self, total: int):
+        self.total = total
+        self.done = 0
+        self.started: dict[str, float] = {}
+
+    def __call__(self, node, status):
+        name = node.fullname.replace("dlf_bids_wf.", "")
+        if status == "start":
+            self.started[name] = time.time()
+        elif status in ("end", "exception"):
+            self.done += 1
+            elapsed = max(0.0, time.time() - self.started.get(name, time.time()))
+            verb = "done" if status == "end" else "FAILED"
+            _say(f"({self.done}/{self.total}) {verb} {name} ({elapsed:.0f} s)")
+
+
+def count_jobs(workflow, n_atlases: int) -> int:
+    """Jobs nipype will report: identity nodes are pruned; a MapNode reports each item and itself."""
+    from nipype.interfaces.utility import IdentityInterface
+    from nipype.pipeline.engine import MapNode
+
+    total = 0
+    for node in workflow._get_all_nodes():
+        if isinstance(node.interface, IdentityInterface):
+            continue
+        total += n_atlases + 1 if isinstance(node, MapNode) else 1
+    return total
+
+
+def select_inputs(config: Config):
+    """Query the dataset and check each T1w; bad or missing inputs are reported, not fatal."""
+    from ..utils.bids import collect_anatomicals, load_layout
+    from ..utils.images import check_anatomical
+
+    layout = load_layout(config.bids_dir, config.database_dir)
+    collected = collect_anatomicals(layout, config.participant_labels, config.session_labels,
+                                    config.bids_filters)
+    usable, skipped = [], list(collected.skipped)
+    for anat in collected.anatomicals:
+        try:
+            check_anatomical(anat.t1w)
+        except BadDataError as err:
+            skipped.append((anat.subject, str(err)))
+            continue
+        usable.append(anat)
+    for subject, reason in skipped:
+        print(f"dlf-bids: skipping sub-{subject}: {reason}", file=sys.stderr)
+    if not usable:
+        raise BadDataError("no usable T1w image among the selected participants")
+    return usable, skipped
+
+
+def _configure_nipype(config: Config) -> Path:
+    from nipype import config as ncfg
+    from nipype import logging as nlogging
+
+    log_dir = config.output_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ncfg.update_config({
+        "execution": {
+            "crashdump_dir": str(log_dir),
+            "crashfile_format": "txt",
+            "stop_on_first_crash": config.stop_on_first_crash,
+            "remove_unnecessary_outputs": False,
+            "hash_method": "content",
+        },
+        "logging": {"workflow_level": "INFO" if config.verbose else "WARNING",
+                    "interface_level": "INFO" if config.verbose else "WARNING"},
+    })
+    nlogging.update_logging(ncfg)
+    return log_dir
+
+
+def expected_outputs(config: Config, anat) -> dict[str, Path]:
+    from ..interfaces.bids import derivative_path
+
+    return {m: derivative_path(config.output_dir, {"subject": anat.subject, **anat.entities,
+                                                   "segmentation": m, "suffix": "dseg"})
+            for m in config.fusion}
+
+
+def run_participant_level(config: Config, validate_input) -> int:
+    from ..utils.atlas_library import load_atlas_library
+    from ..utils.derivatives import (write_bidsignore, write_dataset_description, write_method_luts,
+                                     write_readme)
+
+    if config.atlas_dir is None:
+        raise UsageError("--atlas-dir is required at the participant level")
+    validate_input(config)
+    library = load_atlas_library(config.atlas_dir)
+    anatomicals, skipped = select_inputs(config)
+    _say(f"{len(anatomicals)} T1w image(s) to segment with {len(library.atlases)} atlases "
+         f"({', '.join(config.fusion)}); {config.nprocs} process(es)")
+    for anat in anatomicals:
+        t2 = f", T2w {anat.t2w.name} (recorded; not used by {'/'.join(config.fusion)})" if anat.t2w else ""
+        _say(f"  sub-{anat.subject}: {anat.t1w.name}{t2}")
+
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    write_dataset_description(config.output_dir, config.bids_dir, config.atlas_dir)
+    write_bidsignore(config.output_dir)
+    write_readme(config.output_dir)
+    write_method_luts(config.output_dir, config.fusion, library.labels)
+    log_dir = _configure_nipype(config)
+
+    from ..workflows.base import init_dlf_bids_wf  # imports niworkflows: seconds, so only now
+
+    workflow = init_dlf_bids_wf(config, anatomicals, library)
+    n_nodes = count_jobs(workflow, len(library.atlases))
+    plugin_args = {"n_procs": config.nprocs, "raise_insufficient": False, "maxtasksperchild": 1,
+                   "status_callback": ProgressReporter(n_nodes)}
+    if config.mem_gb:
+        plugin_args["memory_gb"] = config.mem_gb
+    started = time.time()
+    try:
+        workflow.run(plugin="MultiProc", plugin_args=plugin_args)
+    except RuntimeError as err:
+        LOG.debug("workflow error: %s", err)
+    return summarise(config, anatomicals, skipped, started, log_dir)
+
+
+def summarise(config: Config, anatomicals, skipped, started: float, log_dir: Path) -> int:
+    failed = []
+    for anat in anatomicals:
+        outs = expected_outputs(config, anat)
+        missing = [m for m, p in outs.items() if not p.is_file() or p.stat().st_mtime < started - 2]
+        label = anat.t1w.name.replace("_T1w.nii.gz", "").replace("_T1w.nii", "")
+        if missing:
+            failed.append(anat)
+            _say(f"FAILED  {label}: no {', '.join(missing)} output (crash reports in {log_dir})")
+        else:
+            _say(f"ok      {label}: {', '.join(p.name for p in outs.values())}")
+    for subject, reason in skipped:
+        _say(f"skipped sub-{subject}: {reason}")
+    _say(f"{len(anatomicals) - len(failed)} of {len(anatomicals)} T1w image(s) segmented in "
+         f"{time.time() - started:.0f} s; outputs in {config.output_dir}")
+    return EXIT_PROCESSING_FAILED if failed else EXIT_OK

@@ -1,0 +1,102 @@
+"""``dlf-bids``: the BIDS-App entry point (participant and group levels)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from ..config import Config
+from ..errors import (BIDSValidationError, DlfBidsError, UsageError)
+from .parser import build_parser, default_nprocs
+
+LOG = logging.getLogger("dlf_bids")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """True if ``path`` is ``folder`` or below it, after resolving '..' and symbolic links."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def config_from_args(args) -> Config:
+    """Turn parsed arguments into the run's :class:`Config`, refusing unsafe paths."""
+    from ..utils.bids import check_bids_dir, load_filters
+
+    bids_dir = check_bids_dir(args.bids_dir)
+    output_dir = args.output_dir.absolute()
+    work_dir = args.work_dir.absolute()
+    if _inside(output_dir, bids_dir):
+        raise UsageError(f"output_dir {output_dir} is inside the input dataset; "
+                         "dlf-bids never writes into bids_dir")
+    if _inside(work_dir, bids_dir):
+        raise UsageError(f"work dir {work_dir} is inside the input dataset; pass -w elsewhere")
+    atlas_dir = args.atlas_dir.absolute() if args.atlas_dir else None
+    if atlas_dir and _inside(output_dir, atlas_dir):
+        raise UsageError(f"output_dir {output_dir} is inside the atlas library")
+    return Config(
+        bids_dir=bids_dir, output_dir=output_dir, analysis_level=args.analysis_level,
+        work_dir=work_dir, atlas_dir=atlas_dir,
+        participant_labels=tuple(args.participant_label) if args.participant_label else None,
+        session_labels=tuple(args.session_label) if args.session_label else None,
+        bids_filters=load_filters(args.bids_filter_file),
+        bids_database_dir=args.bids_database_dir.absolute() if args.bids_database_dir else None,
+        fusion=tuple(dict.fromkeys(args.fusion)), registration_preset=args.registration_preset,
+        nprocs=args.nprocs or default_nprocs(), omp_nthreads=args.omp_nthreads, mem_gb=args.mem_gb,
+        seed=args.seed, skip_bids_validation=args.skip_bids_validation,
+        stop_on_first_crash=args.stop_on_first_crash, verbose=args.verbose,
+    )
+
+
+def validate_input(config: Config) -> None:
+    from ..utils.validator import validate_dataset, validator_available
+
+    if config.skip_bids_validation:
+        return
+    if not validator_available():
+        LOG.warning("bids-validator-deno not found: input not validated (install it, or pass "
+                    "--skip-bids-validation to silence this)")
+        return
+    result = validate_dataset(config.bids_dir)
+    if result.errors:
+        raise BIDSValidationError(f"{config.bids_dir} fails BIDS validation: {result.summary()} "
+                                  "(use --skip-bids-validation to go on anyway)")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose < 0 else (logging.INFO if verbose < 2 else logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    # nipype's own chatter only when asked for
+    logging.getLogger("bidsschematools").setLevel(logging.WARNING)
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose >= 1 else logging.WARNING)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    started = time.time()
+    try:
+        config = config_from_args(args)
+        if config.analysis_level == "participant":
+            from .participant import run_participant_level
+
+            code = run_participant_level(config, validate_input)
+        else:
+            from .group import run_group_level
+
+            code = run_group_level(config)
+    except DlfBidsError as err:
+        print(f"dlf-bids: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("dlf-bids: interrupted", file=sys.stderr)
+        return 130
+    LOG.info("finished in %.0f s", time.time() - started)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""One typed configuration object, built once by the command line and read by every builder."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .fusion import FUSION_METHODS
+from .registration import REGISTRATION_PRESETS
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a dlf-bids run needs to know. Paths are absolute."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    work_dir: Path
+    atlas_dir: Path | None = None
+    participant_labels: tuple[str, ...] | None = None
+    session_labels: tuple[str, ...] | None = None
+    bids_filters: dict | None = field(default=None, hash=False)
+    bids_database_dir: Path | None = None
+    fusion: tuple[str, ...] = ("jlf",)
+    registration_preset: str = "quick"
+    # execution
+    nprocs: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    omp_nthreads: int | None = None
+    mem_gb: float | None = None
+    seed: int = 0
+    skip_bids_validation: bool = False
+    stop_on_first_crash: bool = False
+    verbose: int = 0
+
+    def __post_init__(self):
+        unknown = set(self.fusion) - set(FUSION_METHODS)
+        if unknown:
+            raise ValueError(f"unknown fusion method(s) {sorted(unknown)}")
+        if self.registration_preset not in REGISTRATION_PRESETS:
+            raise ValueError(f"unknown registration preset {self.registration_preset!r}")
+
+    @property
+    def threads_per_process(self) -> int:
+        """Threads each registration/fusion node may use.
+
+        Default as fMRIPrep: leave one core to run another node in parallel, at most 8.
+        """
+        default = max(1, min(self.nprocs - 1, 8))
+        return max(1, min(self.omp_nthreads or default, self.nprocs))
+
+    @property
+    def registration_threads(self) -> int:
+        """ITK threads per registration: 1 unless --omp-nthreads says otherwise.
+
+        Single-threaded registration is the only bit-reproducible one; MultiProc runs the atlases
+        in parallel instead, which uses the cores as well when there are several atlases.
+        """
+        return max(1, min(self.omp_nthreads or 1, self.nprocs))
+
+    @property
+    def database_dir(self) -> Path:
+        """The pybids index: one per dataset in the work dir, so a shared work dir never mixes them."""
+        import hashlib
+
+        key = hashlib.sha1(str(self.bids_dir.resolve()).encode()).hexdigest()[:12]
+        return self.bids_database_dir or self.work_dir / "bids_db" / key

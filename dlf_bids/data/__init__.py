@@ -1,0 +1,1 @@
+"""Package data: label look-up tables shipped with dlf-bids (read with importlib.resources)."""

@@ -1,0 +1,104 @@
+"""Shared fixtures: the real test data folder, BIDS skeletons from a compact spec, the demo data."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+DEFAULT_DESCRIPTION = {"Name": "dlf-bids test skeleton", "BIDSVersion": "1.10.0",
+                       "DatasetType": "raw"}
+
+
+def tiny_nifti(shape=(8, 8, 8), voxel_size=2.0, seed=0, dtype=np.int16) -> nb.Nifti1Image:
+    """A small, valid 3D image with non-zero content (passes ``check_anatomical``)."""
+    rng = np.random.default_rng(seed)
+    data = (rng.random(shape) * 1000 + 1).astype(dtype)
+    affine = np.diag([voxel_size, voxel_size, voxel_size, 1.0])
+    img = nb.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    return img
+
+
+def write_skeleton(root: Path, spec, description: dict | None | bool = None) -> Path:
+    """Write a BIDS skeleton under ``root``.
+
+    ``spec`` is an iterable of relative paths (empty files, like bids-examples) or a mapping
+    ``relative path -> content`` where content is:
+
+    * ``None`` or ``""``: an empty file;
+    * ``"nii"``: a tiny real NIfTI image (8x8x8, non-zero);
+    * a :class:`nibabel.Nifti1Image` or a numpy array: that image (array: 2 mm identity grid);
+    * a ``dict`` or ``list``: JSON;
+    * any other ``str`` or ``bytes``: written as is.
+
+    ``dataset_description.json`` is added unless the spec has one or ``description is False``.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    items = spec.items() if isinstance(spec, dict) else ((p, None) for p in spec)
+    for rel, content in items:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if content is None or content == "":
+            path.write_bytes(b"")
+        elif isinstance(content, str) and content == "nii":
+            nb.save(tiny_nifti(seed=zlib.crc32(str(rel).encode())), path)
+        elif isinstance(content, nb.Nifti1Image):
+            nb.save(content, path)
+        elif isinstance(content, np.ndarray):
+            nb.save(nb.Nifti1Image(content, np.diag([2.0, 2.0, 2.0, 1.0])), path)
+        elif isinstance(content, (dict, list)):
+            path.write_text(json.dumps(content))
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(str(content))
+    desc = root / "dataset_description.json"
+    if description is not False and not desc.exists():
+        desc.write_text(json.dumps(description or DEFAULT_DESCRIPTION))
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` next to the project (real data, never copied into the repository)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared test data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def bids_examples(shared_data) -> Path:
+    path = shared_data / "bids-examples"
+    if not path.is_dir():
+        pytest.skip(f"bids-examples not found in {shared_data}")
+    return path
+
+
+@pytest.fixture
+def make_skeleton():
+    """``make_skeleton(root, spec, description=None) -> root``: see :func:`write_skeleton`."""
+    return write_skeleton
+
+
+@pytest.fixture
+def nifti():
+    """``nifti(shape=..., voxel_size=..., seed=...)``: a tiny valid image (see :func:`tiny_nifti`)."""
+    return tiny_nifti
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """A real small BIDS dataset + atlas library (2 subjects, 3 atlases, 3 mm), made once."""
+    from dlf_bids.utils.demo_data import make_demo_data
+
+    return make_demo_data(tmp_path_factory.mktemp("demo"), n_subjects=2, n_atlases=3,
+                          voxel_size=3.0)
