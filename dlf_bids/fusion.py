@@ -78,12 +78,27 @@ def joint_label_fusion(target_t1w: Path | str, atlas_images, atlas_labels, beta:
     labels = [ants.image_read(str(f)) for f in atlas_labels]
     result = ants.joint_label_fusion(target, mask, atlas_list=images, beta=beta, rad=radius,
                                      label_list=labels, r_search=search_radius)
-    seg = result["segmentation"].numpy().astype(np.int32)
-    # antspyx returns label *values* in 'segmentation'; we check rather than trust it
-    # (ANTsPy issue 251: renumbering surprises).
+    seg = labels_from_posteriors([p.numpy() for p in result["probabilityimages"]],
+                                 result["segmentation_numbers"], mask_arr > 0)
+    # label values, not indices into the label list (ANTsPy issue 251): check, don't trust
     unexpected = set(np.unique(seg).tolist()) - set(present) - {0}
     if unexpected:
         raise RuntimeError(f"joint label fusion produced labels {sorted(unexpected)} no atlas carries")
+    return seg
+
+
+def labels_from_posteriors(posteriors, label_values, mask: np.ndarray) -> np.ndarray:
+    """Argmax over background and label posteriors.
+
+    antspyx's JLF writes no posterior for background and takes the argmax over the labels only, so
+    a mask voxel where every atlas says background would get the first label. Background's
+    posterior is what the labels leave: 1 - sum of the label posteriors.
+    """
+    probs = np.stack([np.asarray(p, dtype=np.float32) for p in posteriors])
+    background = np.clip(1.0 - probs.sum(axis=0), 0.0, 1.0)
+    values = np.asarray([0] + [int(v) for v in label_values], dtype=np.int32)
+    seg = values[np.argmax(np.concatenate([background[None], probs]), axis=0)]
+    seg[~mask] = 0
     return seg
 
 

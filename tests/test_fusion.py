@@ -176,6 +176,7 @@ def jlf_case(tmp_path_factory):
     truth = np.where(bright, 17, 53).astype(np.int16)
     truth[:, :, :2] = 0  # some background, absent from every atlas
     intensity = np.where(bright, 100.0, 20.0)
+    intensity[:, :, :2] = 0.0  # background looks like background, as in real images
 
     def image(name, data):
         return save(root / name, data.astype(np.float32), AFFINE)
@@ -184,7 +185,8 @@ def jlf_case(tmp_path_factory):
     atlases = [image(f"a{i}_T1w.nii.gz", intensity + rng.normal(0, 2, truth.shape))
                for i in range(3)]
     labels = [save(root / f"a{i}_dseg.nii.gz", truth, AFFINE) for i in range(3)]
-    wrong_t1w = image("bad_T1w.nii.gz", 120.0 - intensity + rng.normal(0, 2, truth.shape))
+    inverted = np.where(intensity > 0, 120.0 - intensity, 0.0)
+    wrong_t1w = image("bad_T1w.nii.gz", inverted + rng.normal(0, 2, truth.shape))
     wrong = np.where(bright, 53, 17).astype(np.int16)
     wrong[:, :, :2] = 0
     wrong_dseg = save(root / "bad_dseg.nii.gz", wrong, AFFINE)
@@ -271,3 +273,29 @@ def test_ants_seed_is_never_zero():
     assert ants_seed(0) != 0 and ants_seed(0) == ants_seed(0)
     assert len({ants_seed(s) for s in range(100)}) == 100
     assert all(1 <= ants_seed(s) < 2**31 for s in (0, 1, 2**31 - 2, 2**40, -5))
+
+
+def test_labels_from_posteriors_keeps_background():
+    """Where all label posteriors are ~0 the voxel is background, not the first label."""
+    from dlf_bids.fusion import labels_from_posteriors
+
+    p17 = np.array([[0.0, 0.7, 0.2, 0.0]], dtype=np.float32)
+    p53 = np.array([[0.0, 0.2, 0.7, 0.4]], dtype=np.float32)
+    mask = np.array([[True, True, True, False]])
+    seg = labels_from_posteriors([p17, p53], [17, 53], mask)
+    assert seg.tolist() == [[0, 17, 53, 0]]
+    # background wins when it keeps the most mass (1 - 0.3 - 0.3 = 0.4 > 0.3)
+    seg = labels_from_posteriors([np.array([[0.3]]), np.array([[0.3]])], [17, 53], np.array([[True]]))
+    assert seg.tolist() == [[0]]
+
+
+def test_joint_label_fusion_leaves_dilated_margin_background(jlf_case):
+    """The fusion mask is dilated beyond the atlases' union; that margin must stay background."""
+    from dlf_bids.fusion import fusion_mask, load_label_stack
+
+    stack, _ = load_label_stack(jlf_case["labels"][:3])
+    margin = fusion_mask(stack, 2) & ~(stack > 0).any(axis=0)
+    assert margin.sum() > 0
+    seg = joint_label_fusion(jlf_case["target"], jlf_case["atlases"][:3], jlf_case["labels"][:3],
+                             patch_radius_mm=VOX, search_radius_mm=VOX, n_threads=1)
+    assert np.all(seg[margin] == 0)
