@@ -123,11 +123,23 @@ def test_gradients_reach_both_subnets():
     model = DeepLabelFusion(small_config(n_labels=L)).train()
     target, atlases, onehot, coords = make_inputs(N=2, L=L, S=16, seed=3)
     truth = one_hot_labels(torch.randint(0, L, (1, 16, 16, 16)), L, dim=1)
+    captured = {}
+
+    def keep_ft_input(module, args):
+        captured["x"] = args[0]
+        args[0].retain_grad()
+
+    handle = model.ft_net.register_forward_pre_hook(keep_ft_input)
     out = model(target, atlases, onehot, coords)
+    handle.remove()
     loss = deep_supervision_loss(out["deep_supervision"], truth, GeneralizedDiceLoss(sigmoid=False),
                                  model.config.deep_supervision_weights)
     assert torch.isfinite(loss)
     loss.backward()
+    # the FT subnet's input (initial segmentation + coordinates) is in the graph: the WV subnet
+    # learns through the FT subnet, not only through the residual shortcut
+    ft_in_grad = captured["x"].grad
+    assert ft_in_grad is not None and torch.any(ft_in_grad[:, :L] != 0)
     for prefix, net in (("wv_net", model.wv_net), ("ft_net", model.ft_net)):
         params = list(net.named_parameters())
         assert params

@@ -252,7 +252,7 @@ def label_mask(
     counts = torch.round(mean * k3)
     mask = counts >= threshold * k3 - 1e-6
     if not mask_background:
-        pass
+        mask[:, 0] = True
     return mask.to(dtype)
 
 
