@@ -27,6 +27,31 @@ class WarpedAtlas:
     t1w: Path
     dseg: Path
     transforms: tuple[Path, ...]  # forward transforms (atlas -> subject), in ANTs apply order
+    t2w: Path | None = None  # the atlas T2w on the subject grid, when the atlas has one
+
+
+def rigid_t2w_to_t1w(t1w, t2w, seed: int | None = 0):
+    """Rigid T2w -> T1w registration (mutual information: different contrasts).
+
+    Returns the antspyx result; ``fwdtransforms`` maps the T2w onto the T1w. T2w scans are rarely
+    acquired in the T1w's space, so every T2w goes through this before use.
+    """
+    import ants
+
+    with _ants_seed(seed):
+        return ants.registration(t1w, t2w, type_of_transform="Rigid")
+
+
+def coregister_t2w(t1w_file: Path | str, t2w_file: Path | str, out_file: Path | str,
+                   seed: int | None = 0, n_threads: int | None = None) -> Path:
+    """Bring a T2w onto its T1w's voxel grid (rigid registration + linear resampling)."""
+    import ants
+
+    set_itk_threads(n_threads)
+    t1w, t2w = ants.image_read(str(t1w_file)), ants.image_read(str(t2w_file))
+    reg = rigid_t2w_to_t1w(t1w, t2w, seed)
+    ants.image_write(reg["warpedmovout"], str(out_file))
+    return Path(out_file)
 
 
 def ants_seed(seed: int) -> int:
@@ -56,13 +81,15 @@ def set_itk_threads(n_threads: int | None) -> None:
 
 def register_atlas(target_t1w: Path | str, atlas_t1w: Path | str, atlas_dseg: Path | str,
                    out_dir: Path | str, preset: str = "quick", seed: int | None = 0,
-                   n_threads: int | None = None) -> WarpedAtlas:
+                   n_threads: int | None = None, atlas_t2w: Path | str | None = None) -> WarpedAtlas:
     """Register one atlas to the subject and bring its image and labels onto the subject's grid.
 
     Images are warped with linear interpolation, labels with ``genericLabel`` (the ANTs label
     interpolator, smoother than nearest neighbour). Outputs are on the target's voxel grid,
     i.e. in the subject's native geometry. With a seed and ``n_threads=1`` the result is
     bit-for-bit repeatable; with more ITK threads it is not (the metric's partial sums differ).
+    An atlas T2w is first registered rigidly to the atlas T1w; that transform and the atlas-to-
+    subject ones are applied together, so the T2w is interpolated once.
     """
     import ants
 
@@ -95,4 +122,13 @@ def register_atlas(target_t1w: Path | str, atlas_t1w: Path | str, atlas_dseg: Pa
             shutil.copyfile(tfm, dest)
             tfm = dest
         transforms.append(tfm)
-    return WarpedAtlas(t1w_out, dseg_out, tuple(transforms))
+    t2w_out = None
+    if atlas_t2w is not None:
+        t2w = ants.image_read(str(atlas_t2w))
+        t2_to_t1 = rigid_t2w_to_t1w(moving, t2w, seed)["fwdtransforms"]
+        # ANTs applies the list last-first: T2w -> atlas T1w, then atlas -> subject
+        warped_t2w = ants.apply_transforms(fixed, t2w, list(reg["fwdtransforms"]) + list(t2_to_t1),
+                                           interpolator="linear")
+        t2w_out = out_dir / "atlas_T2w_warped.nii.gz"
+        ants.image_write(warped_t2w, str(t2w_out))
+    return WarpedAtlas(t1w_out, dseg_out, tuple(transforms), t2w_out)
