@@ -25,6 +25,10 @@ class Config:
     bids_database_dir: Path | None = None
     fusion: tuple[str, ...] = ("jlf",)
     registration_preset: str = "quick"
+    dlf_model: Path | None = None  # trained Deep Label Fusion model (dlf-bids-train)
+    device: str = "auto"  # where DLF runs: auto (GPU when there is one), cpu or cuda
+    dlf_force: bool = False  # feed noise for a missing modality even without ModAug
+    atlas_batch: int = 4  # atlases per DLF forward pass (bounds memory)
     # execution
     nprocs: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     omp_nthreads: int | None = None
@@ -40,6 +44,8 @@ class Config:
             raise ValueError(f"unknown fusion method(s) {sorted(unknown)}")
         if self.registration_preset not in REGISTRATION_PRESETS:
             raise ValueError(f"unknown registration preset {self.registration_preset!r}")
+        if "dlf" in self.fusion and self.dlf_model is None:
+            raise ValueError("fusion 'dlf' needs a trained model (dlf_model)")
 
     @property
     def threads_per_process(self) -> int:

@@ -13,7 +13,7 @@ import nibabel as nb
 import numpy as np
 from scipy import ndimage
 
-FUSION_METHODS = ("jlf", "mv")
+FUSION_METHODS = ("jlf", "mv", "dlf")
 
 
 def load_label_stack(label_files) -> tuple[np.ndarray, nb.Nifti1Image]:

@@ -69,8 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     seg = parser.add_argument_group("segmentation")
     seg.add_argument("--atlas-dir", type=Path, metavar="DIR",
                      help="atlas library (images + label maps; see README) — required for participant")
-    seg.add_argument("--fusion", nargs="+", choices=FUSION_METHODS, default=["jlf"], metavar="METHOD",
-                     help=f"label fusion method(s), any of {', '.join(FUSION_METHODS)} (default: jlf)")
+    seg.add_argument("--fusion", nargs="+", choices=(*FUSION_METHODS, "all"), default=None,
+                     metavar="METHOD",
+                     help=f"label fusion method(s), any of {', '.join(FUSION_METHODS)}, or all "
+                          "(default: dlf when --dlf-model is given, else jlf)")
+    seg.add_argument("--dlf-model", type=Path, metavar="FILE",
+                     help="a trained Deep Label Fusion model (from dlf-bids-train)")
+    seg.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                     help="where DLF runs: auto picks the GPU when there is one (default auto)")
+    seg.add_argument("--dlf-force-modalities", action="store_true",
+                     help="run a model whose modality is missing even though it was not trained "
+                          "with ModAug (the missing channel becomes noise; results may be poor)")
+    seg.add_argument("--atlas-batch", type=_positive_int, default=4,
+                     help="atlases per DLF forward pass; lower it to save memory (default 4)")
     seg.add_argument("--registration-preset", choices=sorted(REGISTRATION_PRESETS), default="quick",
                      help="ANTs registration: " + ", ".join(f"{k} = {v}" for k, v in
                                                              sorted(REGISTRATION_PRESETS.items())))

@@ -105,8 +105,22 @@ def expected_outputs(config: Config, anat) -> dict[str, Path]:
             for m in config.fusion}
 
 
+def check_dlf_model(config: Config, library) -> None:
+    """Refuse a model that cannot segment with this library before any work is done."""
+    from ..models.model_file import check_model_fits, load_model
+
+    _, info = load_model(config.dlf_model)
+    modalities = ["T1w"] + (["T2w"] if library.has_t2w else [])
+    plan = check_model_fits(info, library.labels.indices, modalities, force=config.dlf_force)
+    _say(f"DLF model {config.dlf_model.name} ({', '.join(info.modalities)}"
+         f"{', ModAug' if info.modaug else ''}; sha256 {info.sha256[:12]})")
+    for warning in getattr(plan, "warnings", []):
+        print(f"dlf-bids: warning: {warning}", file=sys.stderr)
+
+
 def run_participant_level(config: Config, validate_input) -> int:
     from ..utils.atlas_library import load_atlas_library
+    from ..workflows.multiatlas import dlf_uses_t2w
     from ..utils.derivatives import (write_bidsignore, write_dataset_description, write_method_luts,
                                      write_readme)
 
@@ -114,11 +128,16 @@ def run_participant_level(config: Config, validate_input) -> int:
         raise UsageError("--atlas-dir is required at the participant level")
     validate_input(config)
     library = load_atlas_library(config.atlas_dir)
+    if "dlf" in config.fusion:
+        check_dlf_model(config, library)
     anatomicals, skipped = select_inputs(config)
     _say(f"{len(anatomicals)} T1w image(s) to segment with {len(library.atlases)} atlases "
          f"({', '.join(config.fusion)}); {config.nprocs} process(es)")
+    t2w_used = "dlf" in config.fusion and dlf_uses_t2w(config, library)
     for anat in anatomicals:
-        t2 = f", T2w {anat.t2w.name} (recorded; not used by {'/'.join(config.fusion)})" if anat.t2w else ""
+        t2 = ""
+        if anat.t2w:
+            t2 = f", T2w {anat.t2w.name} ({'used by dlf' if t2w_used else 'not used by ' + '/'.join(config.fusion)})"
         _say(f"  sub-{anat.subject}: {anat.t1w.name}{t2}")
 
     config.output_dir.mkdir(parents=True, exist_ok=True)

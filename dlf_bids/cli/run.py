@@ -20,6 +20,27 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def _fusion_methods(args) -> tuple[str, ...]:
+    from ..fusion import FUSION_METHODS
+
+    methods = args.fusion or (["dlf"] if args.dlf_model else ["jlf"])
+    if "all" in methods:
+        methods = [m for m in FUSION_METHODS if m != "dlf" or args.dlf_model]
+    if "dlf" in methods and not args.dlf_model:
+        raise UsageError("--fusion dlf needs a trained model: --dlf-model FILE (see dlf-bids-train)")
+    return tuple(dict.fromkeys(methods))
+
+
+def _dlf_model(args) -> Path | None:
+    from ..errors import MissingInputError
+
+    if args.dlf_model is None:
+        return None
+    if not args.dlf_model.is_file():
+        raise MissingInputError(f"DLF model {args.dlf_model} does not exist")
+    return args.dlf_model.absolute()
+
+
 def config_from_args(args) -> Config:
     """Turn parsed arguments into the run's :class:`Config`, refusing unsafe paths."""
     from ..utils.bids import check_bids_dir, load_filters
@@ -42,7 +63,9 @@ def config_from_args(args) -> Config:
         session_labels=tuple(args.session_label) if args.session_label else None,
         bids_filters=load_filters(args.bids_filter_file),
         bids_database_dir=args.bids_database_dir.absolute() if args.bids_database_dir else None,
-        fusion=tuple(dict.fromkeys(args.fusion)), registration_preset=args.registration_preset,
+        fusion=_fusion_methods(args), registration_preset=args.registration_preset,
+        dlf_model=_dlf_model(args), device=args.device, dlf_force=args.dlf_force_modalities,
+        atlas_batch=args.atlas_batch,
         nprocs=args.nprocs or default_nprocs(), omp_nthreads=args.omp_nthreads, mem_gb=args.mem_gb,
         seed=args.seed, skip_bids_validation=args.skip_bids_validation,
         stop_on_first_crash=args.stop_on_first_crash, verbose=args.verbose,

@@ -32,7 +32,7 @@ _PREFIX = (
 PATH_PATTERNS = [
     # images: segmentations, probabilities, masks, reference images (BIDS entity order)
     _PREFIX + "[_space-{space}][_atlas-{atlas}][_seg-{segmentation}][_res-{resolution}]"
-    "[_label-{label}][_desc-{desc}]_{suffix<dseg|probseg|mask|T1w|T2w>}"
+    "[_label-{label}][_desc-{desc}]_{suffix<dseg|probseg|mask|uncertainty|T1w|T2w>}"
     "{extension<.nii|.nii.gz|.json>|.nii.gz}",
     # transforms between the subject and atlases or templates
     _PREFIX + "_from-{from}_to-{to}_mode-{mode<image|points>|image}_{suffix<xfm>|xfm}"

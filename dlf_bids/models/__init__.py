@@ -13,9 +13,52 @@ from .dlf import (
     one_hot_labels,
     patch_coordinates,
 )
+from .inference import (
+    Prediction,
+    fill_missing_modality,
+    label_distribution,
+    labels_to_channels,
+    normalise_patch,
+    normalised_entropy,
+    predict,
+    region_coordinates,
+    resolve_device,
+)
+from .model_file import (
+    FORMAT_VERSION,
+    NOISE,
+    ModalityPlan,
+    ModelInfo,
+    check_model_fits,
+    load_model,
+    model_hash,
+    save_model,
+)
+from .training import TrainingCase, TrainResult, TrainSettings, train_dlf
 from .unet import DeepSupervisionUNet
 
 __all__ = [
+    "FORMAT_VERSION",
+    "NOISE",
+    "ModalityPlan",
+    "ModelInfo",
+    "Prediction",
+    "TrainResult",
+    "TrainSettings",
+    "TrainingCase",
+    "check_model_fits",
+    "fill_missing_modality",
+    "label_distribution",
+    "labels_to_channels",
+    "load_model",
+    "model_hash",
+    "normalise_patch",
+    "normalised_entropy",
+    "predict",
+    "region_coordinates",
+    "resolve_device",
+    "save_model",
+    "train_dlf",
     "DLFConfig",
     "DeepLabelFusion",
     "DeepSupervisionUNet",

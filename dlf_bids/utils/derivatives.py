@@ -10,8 +10,9 @@ from .. import __version__
 from .labels import LabelTable, write_label_table
 
 CODE_URL = "https://github.com/dlf-bids/dlf-bids"
+# BIDS has no suffix for a voxelwise uncertainty map: ours is named *_uncertainty and ignored
 BIDSIGNORE = ["logs/", "figures/", "*.html", "group_*", ".dlf-bids-staging/", "*_volumes.tsv",
-              "*_volumes.json"]
+              "*_volumes.json", "*_uncertainty.nii.gz", "*_uncertainty.json"]
 
 
 def write_dataset_description(output_dir: Path, bids_dir: Path, atlas_dir: Path | None) -> Path:

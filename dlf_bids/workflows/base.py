@@ -10,9 +10,11 @@ from ..config import Config
 from ..interfaces.bids import DerivativesDataSink
 from ..utils.atlas_library import AtlasLibrary
 from ..utils.bids import AnatomicalInput, bids_uri
-from .multiatlas import init_multiatlas_wf
+from ..interfaces.registration import CoregisterT2w
+from .multiatlas import dlf_uses_t2w, init_multiatlas_wf
 
 FUSION_DESCRIPTIONS = {
+    "dlf": "Deep Label Fusion (Xie et al., 2023) of atlases registered with ANTs (antspyx).",
     "mv": "Majority voting of atlas labels registered to the subject with ANTs (antspyx).",
     "jlf": "Joint label fusion (Wang et al., 2013; antspyx) of atlases registered with ANTs.",
 }
@@ -49,20 +51,45 @@ def init_single_image_wf(config: Config, anat: AnatomicalInput, library: AtlasLi
 
     # Fix inconsistent qform/sform before anything else reads the header (niworkflows).
     validate = pe.Node(ValidateImage(), name="validate_t1w")
-    multiatlas_wf = init_multiatlas_wf(config, library)
+    use_t2w = anat.t2w is not None and dlf_uses_t2w(config, library)
+    multiatlas_wf = init_multiatlas_wf(config, library, subject_has_t2w=use_t2w)
 
     workflow.connect([
         (inputnode, validate, [("t1w", "in_file")]),
         (validate, multiatlas_wf, [("out_file", "inputnode.t1w")]),
     ])
+    if use_t2w:
+        # T2w scans are rarely in the T1w's space: rigid registration, then the T1w grid
+        coregister = pe.Node(CoregisterT2w(t2w=str(anat.t2w), seed=config.seed),
+                             name="coregister_t2w")
+        workflow.connect([
+            (validate, coregister, [("out_file", "t1w")]),
+            (coregister, multiatlas_wf, [("t2w_on_t1w", "inputnode.t2w")]),
+        ])
     for method in config.fusion:
+        metadata = segmentation_metadata(config, anat, library, method)
         ds_seg = pe.Node(
             DerivativesDataSink(
                 base_directory=str(config.output_dir), source_file=str(anat.t1w),
                 segmentation=method, suffix="dseg", compress=True,
-                meta_dict=segmentation_metadata(config, anat, library, method),
+                **({} if method == "dlf" else {"meta_dict": metadata}),
             ),
             name=f"ds_seg_{method}", run_without_submitting=True,
         )
         workflow.connect(multiatlas_wf, f"outputnode.seg_{method}", ds_seg, "in_file")
+        if method == "dlf":
+            # the sidecar also says what the run used (modalities, model hash): known at run time
+            multiatlas_wf.get_node("fuse_dlf").inputs.base_metadata = metadata
+            workflow.connect(multiatlas_wf, "outputnode.metadata_dlf", ds_seg, "meta_dict")
+            ds_unc = pe.Node(
+                DerivativesDataSink(
+                    base_directory=str(config.output_dir), source_file=str(anat.t1w),
+                    segmentation="dlf", suffix="uncertainty", compress=True,
+                    meta_dict={"Description": "Normalised entropy (0-1) of the DLF label "
+                                              "distribution at each voxel",
+                               "Sources": [bids_uri(anat.t1w, config.bids_dir, "raw")]},
+                ),
+                name="ds_uncertainty_dlf", run_without_submitting=True,
+            )
+            workflow.connect(multiatlas_wf, "outputnode.uncertainty_dlf", ds_unc, "in_file")
     return workflow

@@ -6,20 +6,49 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..config import Config
-from ..interfaces.fusion import JointLabelFusion, MajorityVote
+from ..interfaces.fusion import DeepLabelFusion, JointLabelFusion, MajorityVote
 from ..interfaces.registration import RegisterAtlas
 from ..utils.atlas_library import AtlasLibrary
 
-FUSION_INTERFACES = {"mv": MajorityVote, "jlf": JointLabelFusion}
+FUSION_INTERFACES = {"mv": MajorityVote, "jlf": JointLabelFusion, "dlf": DeepLabelFusion}
 
 
-def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multiatlas_wf"):
+def dlf_uses_t2w(config: Config, library: AtlasLibrary) -> bool:
+    """Whether atlases' T2w must be warped: a DLF model with a T2w channel and a library with T2w."""
+    if "dlf" not in config.fusion:
+        return False
+    from ..models.model_file import load_model
+
+    _, info = load_model(config.dlf_model)
+    return "T2w" in info.modalities and library.has_t2w
+
+
+def init_register_atlases_node(atlases, preset: str, seed: int, threads: int, warp_t2w: bool,
+                               name: str = "register_atlases") -> pe.MapNode:
+    """One registration per atlas (the participant level and DLF training share this node);
+    MultiProc runs the map's items in parallel."""
+    register = pe.MapNode(
+        RegisterAtlas(preset=preset, seed=seed, num_threads=threads),
+        iterfield=["atlas_t1w", "atlas_dseg"] + (["atlas_t2w"] if warp_t2w else []),
+        name=name, n_procs=threads, mem_gb=2.0,
+    )
+    register.inputs.atlas_t1w = [str(a.t1w) for a in atlases]
+    register.inputs.atlas_dseg = [str(a.dseg) for a in atlases]
+    if warp_t2w:
+        register.inputs.atlas_t2w = [str(a.t2w) for a in atlases]
+    return register
+
+
+def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multiatlas_wf",
+                       subject_has_t2w: bool = False):
     """Build the registration + fusion workflow for one T1w image.
 
     Inputs
     ------
     t1w
         the subject's T1w image (header-validated); defines the output grid
+    t2w
+        the subject's T2w on the T1w grid (used by DLF when the model has a T2w channel)
 
     Outputs
     -------
@@ -29,25 +58,17 @@ def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multi
         one fused label map per method in ``config.fusion``
     """
     workflow = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
+    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w", "t2w"]), name="inputnode")
     outputnode = pe.Node(
-        niu.IdentityInterface(fields=["warped_t1w", "warped_dseg"]
+        niu.IdentityInterface(fields=["warped_t1w", "warped_dseg", "uncertainty_dlf", "metadata_dlf"]
                               + [f"seg_{m}" for m in config.fusion]),
         name="outputnode",
     )
+    warp_t2w = dlf_uses_t2w(config, library)
     threads = config.threads_per_process
 
-    # One registration per atlas; MultiProc runs the map's items in parallel.
-    register = pe.MapNode(
-        RegisterAtlas(preset=config.registration_preset, seed=config.seed,
-                      num_threads=config.registration_threads),
-        iterfield=["atlas_t1w", "atlas_dseg"],
-        name="register_atlases",
-        n_procs=config.registration_threads,
-        mem_gb=2.0,
-    )
-    register.inputs.atlas_t1w = [str(a.t1w) for a in library.atlases]
-    register.inputs.atlas_dseg = [str(a.dseg) for a in library.atlases]
+    register = init_register_atlases_node(library.atlases, config.registration_preset, config.seed,
+                                          config.registration_threads, warp_t2w)
 
     workflow.connect([
         (inputnode, register, [("t1w", "target_t1w")]),
@@ -55,11 +76,23 @@ def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multi
     ])
 
     for method in config.fusion:
-        fuse = pe.Node(FUSION_INTERFACES[method](), name=f"fuse_{method}", mem_gb=4.0)
-        if method == "jlf":
+        fuse = pe.Node(FUSION_INTERFACES[method](), name=f"fuse_{method}",
+                       mem_gb=6.0 if method == "dlf" else 4.0)
+        if method in ("jlf", "dlf"):
             fuse.inputs.num_threads = threads
             fuse.n_procs = threads
             workflow.connect(register, "warped_t1w", fuse, "atlas_t1w")
+        if method == "dlf":
+            fuse.inputs.model_file = str(config.dlf_model)
+            fuse.inputs.device = config.device
+            fuse.inputs.atlas_batch = config.atlas_batch
+            fuse.inputs.force = config.dlf_force
+            fuse.inputs.seed = config.seed
+            if warp_t2w and subject_has_t2w:
+                workflow.connect([(register, fuse, [("warped_t2w", "atlas_t2w")]),
+                                  (inputnode, fuse, [("t2w", "target_t2w")])])
+            workflow.connect([(fuse, outputnode, [("out_uncertainty", "uncertainty_dlf"),
+                                                  ("metadata", "metadata_dlf")])])
         workflow.connect([
             (inputnode, fuse, [("t1w", "target_t1w")]),
             (register, fuse, [("warped_dseg", "atlas_dseg")]),
