@@ -67,6 +67,33 @@ def write_skeleton(root: Path, spec, description: dict | None | bool = None) -> 
     return root
 
 
+def blob_phantom(seed: int, shape=(24, 24, 24), jitter: int = 1, radius_jitter: float = 0.5):
+    """A synthetic 'head' (label 0) with two blobs (labels 2 and 41), T1w + T2w contrast.
+
+    Blob centres move by up to ``jitter`` voxels and radii grow by up to ``radius_jitter``, so
+    phantoms of different seeds differ the way registered atlases do. Returns (images (2, ...),
+    labels)."""
+    rng = np.random.default_rng(seed)
+    shape = (shape,) * 3 if isinstance(shape, int) else tuple(shape)
+    g = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")).astype(np.float32)
+    centre = np.array(shape, np.float32) / 2
+
+    def ball(c, r):
+        return ((g - np.asarray(c, np.float32)[:, None, None, None]) ** 2).sum(0) <= r * r
+
+    head = ball(centre, min(shape) * 0.45)
+    lab = np.zeros(shape, np.int16)
+    off = rng.integers(-jitter, jitter + 1, 3)
+    r = min(shape) / 6
+    lab[ball(centre * np.array([1, 0.6, 1]) + off, r + radius_jitter * rng.random())] = 2
+    lab[ball(centre * np.array([1, 1.4, 1]) + off, r + radius_jitter * rng.random())] = 41
+    t1 = np.where(head, 50.0, 0.0) + np.where(lab == 2, 60, 0) + np.where(lab == 41, 110, 0)
+    t2 = np.where(head, 120.0, 0.0) - np.where(lab == 2, 50, 0) - np.where(lab == 41, 90, 0)
+    img = np.stack([t1, t2]).astype(np.float32)
+    img += head * rng.normal(0, 3, img.shape).astype(np.float32)
+    return img, lab
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` next to the project (real data, never copied into the repository)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 import torch
 
 from dlf_bids.errors import BadDataError, UsageError
@@ -22,6 +23,7 @@ from dlf_bids.models.inference import (
 from dlf_bids.models.model_file import NOISE, ModelInfo, check_model_fits, load_model
 from dlf_bids.models.training import TrainingCase, TrainSettings, train_dlf
 from dlf_bids.utils.labels import Label, LabelTable
+from conftest import blob_phantom  # the shared synthetic phantom
 
 torch.set_num_threads(1)
 
@@ -43,25 +45,8 @@ def make_model(n_modalities=2, modaug=False, seed=0):
 
 
 def synth(seed: int, shape=(24, 24, 24)):
-    """A 'head' with two blobs (labels 2 and 41); T1 + T2 contrast."""
-    rng = np.random.default_rng(seed)
-    g = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")).astype(np.float32)
-    centre = np.array(shape, np.float32) / 2
-
-    def ball(c, r):
-        return ((g - np.asarray(c, np.float32)[:, None, None, None]) ** 2).sum(0) <= r * r
-
-    head = ball(centre, min(shape) * 0.45)
-    lab = np.zeros(shape, np.int16)
-    off = rng.integers(-1, 2, 3)
-    r = min(shape) / 6
-    lab[ball(centre * np.array([1, 0.6, 1]) + off, r + 0.5 * rng.random())] = 2
-    lab[ball(centre * np.array([1, 1.4, 1]) + off, r + 0.5 * rng.random())] = 41
-    t1 = np.where(head, 50.0, 0.0) + np.where(lab == 2, 60, 0) + np.where(lab == 41, 110, 0)
-    t2 = np.where(head, 120.0, 0.0) - np.where(lab == 2, 50, 0) - np.where(lab == 41, 90, 0)
-    img = np.stack([t1, t2]).astype(np.float32)
-    img += head * rng.normal(0, 3, img.shape).astype(np.float32)
-    return img, lab
+    """The blob phantom of conftest, with small jitter."""
+    return blob_phantom(seed, shape, jitter=1, radius_jitter=0.5)
 
 
 def atlases_for(shape, n=2, first_seed=10):

@@ -8,6 +8,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+
 import torch
 
 from dlf_bids.errors import BadDataError, UsageError
@@ -35,6 +36,7 @@ from dlf_bids.models.training import (
     train_dlf,
 )
 from dlf_bids.utils.labels import Label, LabelTable
+from conftest import blob_phantom  # the shared synthetic phantom
 
 torch.set_num_threads(1)
 
@@ -49,26 +51,8 @@ def tiny_config(n_labels=3, n_modalities=2) -> DLFConfig:
 
 
 def synth(seed: int, S=24):
-    """A 'head' (label 0, mid intensity) with two blobs (labels 2 and 41), T1 + T2 contrast."""
-    rng = np.random.default_rng(seed)
-    shape = (S,) * 3 if isinstance(S, int) else tuple(S)
-    g = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")).astype(np.float32)
-    centre = np.array(shape, np.float32) / 2
-
-    def ball(c, r):
-        return ((g - np.asarray(c, np.float32)[:, None, None, None]) ** 2).sum(0) <= r * r
-
-    head = ball(centre, min(shape) * 0.45)
-    lab = np.zeros(shape, np.int16)
-    off = rng.integers(-2, 3, 3)
-    r = min(shape) / 6
-    lab[ball(centre * np.array([1, 0.6, 1]) + off, r + rng.random())] = 2
-    lab[ball(centre * np.array([1, 1.4, 1]) + off, r + rng.random())] = 41
-    t1 = np.where(head, 50.0, 0.0) + np.where(lab == 2, 60, 0) + np.where(lab == 41, 110, 0)
-    t2 = np.where(head, 120.0, 0.0) - np.where(lab == 2, 50, 0) - np.where(lab == 41, 90, 0)
-    img = np.stack([t1, t2]).astype(np.float32)
-    img += head * rng.normal(0, 3, img.shape).astype(np.float32)
-    return img, lab
+    """The blob phantom of conftest, with larger jitter."""
+    return blob_phantom(seed, S, jitter=2, radius_jitter=1.0)
 
 
 def make_cases(n=3, S=24):
