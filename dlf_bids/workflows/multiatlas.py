@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
@@ -13,14 +15,19 @@ from ..utils.atlas_library import AtlasLibrary
 FUSION_INTERFACES = {"mv": MajorityVote, "jlf": JointLabelFusion, "dlf": DeepLabelFusion}
 
 
+@functools.lru_cache(maxsize=8)
+def _model_modalities(model_file: str) -> tuple[str, ...]:
+    """The model's input modalities; cached, since every subject's graph asks (a file read each)."""
+    from ..models.model_file import load_model
+
+    return tuple(load_model(model_file)[1].modalities)
+
+
 def dlf_uses_t2w(config: Config, library: AtlasLibrary) -> bool:
     """Whether atlases' T2w must be warped: a DLF model with a T2w channel and a library with T2w."""
     if "dlf" not in config.fusion:
         return False
-    from ..models.model_file import load_model
-
-    _, info = load_model(config.dlf_model)
-    return "T2w" in info.modalities and library.has_t2w
+    return "T2w" in _model_modalities(str(config.dlf_model)) and library.has_t2w
 
 
 def init_register_atlases_node(atlases, preset: str, seed: int, threads: int, warp_t2w: bool,
