@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 
 from ..errors import BadDataError, UsageError
 from ..utils.labels import LabelTable
-from .dlf import DeepLabelFusion, DLFConfig, check_patch_size, deep_supervision_loss, one_hot_labels
+from .dlf import DeepLabelFusion, DLFConfig, check_patch_size, deep_supervision_loss
 from .inference import (
     label_distribution,
     labels_to_channels,
@@ -340,7 +340,14 @@ def make_sample(case: _Case, settings: TrainSettings, rng: np.random.Generator,
     pads = pad_amounts(shape, patch)
     start = [int(np.clip(c - p // 2, 0, n - p)) if n >= p else -before
              for c, p, n, (before, _) in zip(centre, patch, shape, pads)]
-    margin = s.spatial_margin if augmenter is not None else 0
+    spatial = None
+    if augmenter is not None:
+        u = rng.random()  # drawn before the crops (which use no randomness): same draw order
+        spatial = augmenter.elastic if u < s.elastic_prob else (
+            augmenter.affine if u < s.elastic_prob + s.affine_prob else None)
+    # the margin only where a resampling follows; otherwise the patch itself is cropped (the
+    # centre of the margin region: same values, without cropping and copying the margin)
+    margin = s.spatial_margin if spatial is not None else 0
     rstart = [st - margin for st in start]
     rsize = [p + 2 * margin for p in patch]
 
@@ -358,9 +365,6 @@ def make_sample(case: _Case, settings: TrainSettings, rng: np.random.Generator,
                      torch.from_numpy(aidx.astype(np.float32))])
 
     if augmenter is not None:
-        u = rng.random()
-        spatial = augmenter.elastic if u < s.elastic_prob else (
-            augmenter.affine if u < s.elastic_prob + s.affine_prob else None)
         if spatial is not None:
             out = spatial({"img": img, "lbl": lbl})
             img, lbl = _tensor(out["img"]), _tensor(out["lbl"])
@@ -414,10 +418,25 @@ def make_loss(settings: TrainSettings):
     return loss_fn
 
 
+def _one_hot(idx: torch.Tensor, n_labels: int, dim: int) -> torch.Tensor:
+    """float32 one-hot of label indices, the label axis inserted at ``dim``: the same values *and
+    strides* as :func:`~dlf_bids.models.dlf.one_hot_labels` (label axis innermost in memory, so
+    the model computes exactly the same), but scattered straight into float32 instead of going
+    through an int64 ``F.one_hot`` and a conversion (about 2.5x faster on CPU: ~90 instead of
+    ~220 ms for 4 atlases, 46 labels, 48³)."""
+    idx = idx.long()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_labels):
+        raise ValueError(f"label indices must lie in [0, {n_labels - 1}]")
+    out = torch.zeros((*idx.shape, n_labels), dtype=torch.float32, device=idx.device)
+    out.scatter_(-1, idx.unsqueeze(-1), 1.0)
+    return out.movedim(-1, dim if dim >= 0 else out.ndim + dim)
+
+
 def _collate(samples: list[dict], n_labels: int, device) -> tuple:
     target = torch.stack([s["target"] for s in samples]).to(device)
     atl = torch.stack([s["atlas_images"] for s in samples]).to(device)
-    onehot = one_hot_labels(torch.stack([s["atlas_idx"] for s in samples]), n_labels, dim=2).to(device)
+    # one-hot on the device: only the (uint8/int64) indices travel, not N*L float maps
+    onehot = _one_hot(torch.stack([s["atlas_idx"] for s in samples]).to(device), n_labels, dim=2)
     coords = torch.stack([s["coords"] for s in samples]).to(device)
     truth = torch.stack([s["truth"] for s in samples])
     return target, atl, onehot, coords, truth.to(device)
@@ -552,7 +571,7 @@ def train_dlf(
                     case = train_cases[int(rng.integers(0, len(train_cases)))]
                     batch.append(make_sample(case, run_settings, rng, augmenter))
                 t, a, oh, co, tr = _collate(batch, L, device)
-                truth_oh = one_hot_labels(tr, L, dim=1)
+                truth_oh = _one_hot(tr, L, dim=1)
                 out = model(t, a, oh, co)
                 loss = deep_supervision_loss(out["deep_supervision"], truth_oh, loss_fn,
                                              config.deep_supervision_weights)
