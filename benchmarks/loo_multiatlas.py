@@ -63,6 +63,19 @@ def _maxrss_mb(who=resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _source_hash(module) -> str:
+    """Short sha256 of a module's source file: other people edit dlf_bids while benchmarks run."""
+    import hashlib
+
+    return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:12]
+
+
 def _write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
@@ -103,17 +116,21 @@ def oracle_segmentation(stack: np.ndarray, truth: np.ndarray, fallback: np.ndarr
 def register_task(target_t1w: str, atlas_t1w: str, atlas_dseg: str, out_dir: str,
                   preset: str, seed: int) -> dict:
     os.environ.update(SINGLE_THREAD_ENV)
+    import dlf_bids.registration
     from dlf_bids.registration import register_atlas
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     warped = register_atlas(target_t1w, atlas_t1w, atlas_dseg, out_dir, preset=preset,
                             seed=seed, n_threads=1)
     seconds = time.perf_counter() - start
     record = {
         "seconds": seconds,
+        # CPU time well below wall time means the task waited for a core (shared machine).
+        "cpu_seconds": _cpu_seconds() - cpu_start,
         "maxrss_mb": _maxrss_mb(),
         "preset": preset,
         "seed": seed,
+        "source_sha256": {"dlf_bids/registration.py": _source_hash(dlf_bids.registration)},
         "t1w": str(warped.t1w),
         "dseg": str(warped.dseg),
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -129,11 +146,13 @@ def fusion_task(method: str, target_t1w: str, truth_dseg: str, warped_t1ws: list
     os.environ.update(SINGLE_THREAD_ENV)
     import nibabel as nb
 
+    import dlf_bids.fusion
     from dlf_bids.fusion import joint_label_fusion, load_label_stack, majority_vote, save_labels
 
     truth = np.asanyarray(nb.load(truth_dseg).dataobj).astype(np.int32)
-    record = {"method": method, "atlases": list(atlas_ids)}
-    start = time.perf_counter()
+    record = {"method": method, "atlases": list(atlas_ids),
+              "source_sha256": {"dlf_bids/fusion.py": _source_hash(dlf_bids.fusion)}}
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     if method == "mv":
         stack, _ = load_label_stack(warped_dsegs)
         seg = majority_vote(stack)
@@ -142,6 +161,7 @@ def fusion_task(method: str, target_t1w: str, truth_dseg: str, warped_t1ws: list
     else:
         raise ValueError(method)
     record["seconds"] = time.perf_counter() - start
+    record["cpu_seconds"] = _cpu_seconds() - cpu_start
     if seg.shape != truth.shape:
         raise RuntimeError(f"{method} segmentation has shape {seg.shape}, truth {truth.shape}")
     save_labels(seg, truth_dseg, out_file)
@@ -189,6 +209,7 @@ def summarize(state: dict) -> dict:
         "pairs_total": state["pairs_total"],
         "pairs_computed_this_run": sum(1 for r in regs.values() if not r.get("cached")),
         "seconds_per_pair": _stats(r["seconds"] for r in regs.values()),
+        "cpu_seconds_per_pair": _stats(r.get("cpu_seconds") for r in regs.values()),
         "peak_rss_mb": max((r["maxrss_mb"] for r in regs.values()), default=None),
     }, "methods": {}, "per_label": {}}
     rows = {m: {} for m in METHODS}
@@ -206,6 +227,8 @@ def summarize(state: dict) -> dict:
                  "mean_dice": _stats(per_subject.values())}
         if method != "oracle":
             entry["fusion_seconds_per_subject"] = _stats(r["seconds"] for r in recs.values())
+            entry["fusion_cpu_seconds_per_subject"] = _stats(r.get("cpu_seconds")
+                                                            for r in recs.values())
             entry["peak_rss_mb"] = max(r["maxrss_mb"] for r in recs.values())
             entry["computed_this_run"] = sum(1 for r in recs.values() if not r.get("cached"))
             entry["voxel_accuracy_in_truth_foreground"] = _stats(
@@ -231,7 +254,8 @@ def markdown(state: dict, summary: dict) -> str:
     names = {lab.index: lab.name for lab in freesurfer_label_table().labels}
     reg = summary["registration"]
     reg_s = reg["seconds_per_pair"]
-    reg_txt = "—" if reg_s.get("n", 0) == 0 else f"{reg_s['mean']:.1f} ± {reg_s['std']:.1f}"
+    reg_txt = "—" if reg_s.get("n", 0) == 0 else (
+        f"{reg_s['mean']:.1f} ± {reg_s['std']:.1f} (CPU {_fmt(reg['cpu_seconds_per_pair'], digits=1)})")
     cfg = state["config"]
     lines = [
         f"LOO multi-atlas, {len(cfg['subjects'])} subjects, voxel size "
@@ -240,8 +264,8 @@ def markdown(state: dict, summary: dict) -> str:
         f"this run); peak RSS per registration worker "
         f"{reg['peak_rss_mb'] or float('nan'):.0f} MiB",
         "",
-        "| method | subjects | mean Dice | std over subjects | registration s/pair "
-        "| fusion s/subject | peak RSS fusion (MiB) | peak RSS registration (MiB) |",
+        "| method | subjects | mean Dice | std over subjects | registration s/pair (wall ± std, CPU) "
+        "| fusion s/subject (wall ± std, CPU) | peak RSS fusion (MiB) | peak RSS registration (MiB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for method in (*METHODS, "oracle"):
@@ -257,7 +281,9 @@ def markdown(state: dict, summary: dict) -> str:
         fus = entry["fusion_seconds_per_subject"]
         lines.append(
             f"| {method} | {dice['n']} | {_fmt(dice)} | {_fmt(dice, 'std')} | {reg_txt} "
-            f"| {fus['mean']:.1f} ± {fus['std']:.1f} | {entry['peak_rss_mb']:.0f} "
+            f"| {fus['mean']:.1f} ± {fus['std']:.1f} "
+            f"(CPU {_fmt(entry['fusion_cpu_seconds_per_subject'], digits=1)}) "
+            f"| {entry['peak_rss_mb']:.0f} "
             f"| {reg['peak_rss_mb'] or float('nan'):.0f} |"
         )
     lines += ["", "Per-subject mean Dice:", "",
@@ -271,6 +297,10 @@ def markdown(state: dict, summary: dict) -> str:
                 v = summary["methods"][m]["mean_dice_per_subject"].get(subject)
                 cells.append("—" if v is None else f"{v:.3f}")
         lines.append(f"| {subject} | " + " | ".join(cells) + " |")
+    lines += ["", f"Main process peak RSS {state.get('main_process_peak_rss_mb', float('nan')):.0f} MiB; "
+              f"largest finished worker (RUSAGE_CHILDREN) {state.get('children_peak_rss_mb', float('nan')):.0f} MiB; "
+              f"{cfg['jobs']} workers at a time, 1 thread each; wall time so far "
+              f"{state.get('wall_seconds', 0):.0f} s."]
     present = [m for m in (*METHODS, "oracle") if m in summary["per_label"]]
     if present:
         lines += ["", "Per-label Dice (mean over subjects):", "",
@@ -296,12 +326,13 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--seed", type=int, default=0, help="registration seed")
     p.add_argument("--oracle-fraction", type=float, default=0.10)
-    p.add_argument("--refuse", action="store_true",
+    p.add_argument("--redo-fusion", action="store_true",
                    help="recompute the fusions even if cached (registrations stay cached)")
     return p.parse_args(argv)
 
 
 def convert_task(subject_dir: str, library: str, subject: str, voxel_size: float | None) -> dict:
+    import dlf_bids.utils.freesurfer
     from dlf_bids.utils.freesurfer import convert_freesurfer_subject
 
     start = time.perf_counter()
@@ -309,14 +340,15 @@ def convert_task(subject_dir: str, library: str, subject: str, voxel_size: float
                                        library, subject, voxel_size=voxel_size, brain_only=True,
                                        overwrite=True)
     return {"t1w": str(atlas.t1w), "dseg": str(atlas.dseg),
-            "seconds": time.perf_counter() - start, "maxrss_mb": _maxrss_mb()}
+            "seconds": time.perf_counter() - start, "maxrss_mb": _maxrss_mb(),
+            "source_sha256": {"dlf_bids/utils/freesurfer.py": _source_hash(dlf_bids.utils.freesurfer)}}
 
 
-def prepare_library(args, out: Path, native: bool, pool) -> dict:
+def prepare_library(args, out: Path, native: bool, pool) -> tuple[dict, dict]:
     """Convert the subjects into a cropped NIfTI library (in workers: keeps the main process small,
     which matters because a spawned worker's ru_maxrss starts at its parent's RSS at fork time)."""
     library = out / "library"
-    atlases, futures = {}, {}
+    atlases, futures, conversions = {}, {}, {}
     for subject in args.subjects:
         t1w = library / f"sub-{subject}" / "anat" / f"sub-{subject}_T1w.nii.gz"
         dseg = library / f"sub-{subject}" / "anat" / f"sub-{subject}_dseg.nii.gz"
@@ -332,7 +364,8 @@ def prepare_library(args, out: Path, native: bool, pool) -> dict:
         print(f"converted sub-{subject} in {rec['seconds']:.1f} s (peak {rec['maxrss_mb']:.0f} MiB)",
               flush=True)
         atlases[subject] = (rec["t1w"], rec["dseg"])
-    return atlases
+        conversions[subject] = rec
+    return atlases, conversions
 
 
 def main(argv=None) -> int:
@@ -350,7 +383,8 @@ def main(argv=None) -> int:
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    native = abs(args.voxel_size - 1.0) < 1e-6  # fs-training is conformed 1 mm
+    # fs-training is FreeSurfer-conformed 1 mm: --voxel-size 1 keeps the native grid (no resampling)
+    native = abs(args.voxel_size - 1.0) < 1e-6
     methods = ("mv",) if args.skip_jlf else METHODS
     if "jlf" in methods and len(args.subjects) < 3:
         # antspyx's joint_label_fusion indexes label_list[1]: it needs at least 2 atlases.
@@ -376,13 +410,13 @@ def main(argv=None) -> int:
     ctx = multiprocessing.get_context("spawn")
     # One fresh process per task: each task's ru_maxrss is its own peak.
     pool = ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, max_tasks_per_child=1)
-    atlases = prepare_library(args, out, native, pool)
+    atlases, conversions = prepare_library(args, out, native, pool)
     state = {
         "config": config,
         "machine": {"nproc": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "registrations": {}, "fusions": {},
+        "conversions": conversions, "registrations": {}, "fusions": {},
         "pairs_total": len(args.subjects) * (len(args.subjects) - 1),
     }
 
@@ -392,6 +426,7 @@ def main(argv=None) -> int:
         state["wall_seconds"] = time.perf_counter() - run_start
         state["complete"] = final
         state["main_process_peak_rss_mb"] = _maxrss_mb(resource.RUSAGE_SELF)
+        # Largest single finished (reaped) worker, not a sum: concurrent workers add up.
         state["children_peak_rss_mb"] = _maxrss_mb(resource.RUSAGE_CHILDREN)
         _write_json(out / "results.json", state)
         (out / "results.md").write_text(markdown(state, summary))
@@ -429,7 +464,7 @@ def main(argv=None) -> int:
                 seg_file = fusion_dir / f"sub-{target}_{method}_dseg.nii.gz"
                 rec_file = fusion_dir / f"sub-{target}_{method}_dseg.json"
                 atlas_ids = [a for a in args.subjects if a != target]
-                if rec_file.is_file() and seg_file.is_file() and not args.refuse:
+                if rec_file.is_file() and seg_file.is_file() and not args.redo_fusion:
                     rec = json.loads(rec_file.read_text())
                     if rec.get("atlases") == atlas_ids:  # same atlas set, else recompute
                         rec["cached"] = True
@@ -461,11 +496,13 @@ def main(argv=None) -> int:
                 rec["cached"] = False
                 if kind == "registration":
                     state["registrations"][":".join(key)] = rec
-                    print(f"registered atlas {key[1]} -> target {key[0]}: {rec['seconds']:.1f} s, "
+                    print(f"registered atlas {key[1]} -> target {key[0]}: {rec['seconds']:.1f} s "
+                          f"(CPU {rec['cpu_seconds']:.1f} s), "
                           f"peak {rec['maxrss_mb']:.0f} MiB", flush=True)
                 else:
                     state["fusions"][":".join(key)] = rec
-                    print(f"fused sub-{key[0]} with {key[1]}: {rec['seconds']:.1f} s, mean Dice "
+                    print(f"fused sub-{key[0]} with {key[1]}: {rec['seconds']:.1f} s "
+                          f"(CPU {rec['cpu_seconds']:.1f} s), mean Dice "
                           f"{_mean_dice(rec['dice']):.4f}, peak {rec['maxrss_mb']:.0f} MiB",
                           flush=True)
             queue_ready_fusions()
