@@ -407,3 +407,27 @@ def test_valid_dataset_passes_validation(validator, cli, raw, tmp_path):
     code, _, err = cli([raw, tmp_path / "out", "participant", "--atlas-dir", tmp_path / "none"])
     assert code == EXIT_MISSING_INPUT, err
     assert "atlas library" in the_error_line(err)
+
+
+def test_group_level_skips_a_method_without_segmentations(tmp_path, capsys):
+    """A method whose participants all failed gets a warning; the others still get tables."""
+    from dlf_bids.utils.labels import Label, LabelTable, write_label_table
+
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    (bids / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.10.0"}')
+    out = tmp_path / "out"
+    lut = LabelTable((Label(1, "A"), Label(2, "B")))
+    write_label_table(lut, out / "seg-mv_dseg.tsv")
+    write_label_table(lut, out / "seg-jlf_dseg.tsv")
+    seg = np.zeros((4, 4, 4), np.int16)
+    seg[:2] = 1
+    anat = out / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    nb.save(nb.Nifti1Image(seg, np.diag([2.0, 2.0, 2.0, 1.0])), anat / "sub-01_seg-mv_dseg.nii.gz")
+    assert main([str(bids), str(out), "group"]) == 0
+    assert (out / "group_seg-mv_volumes.tsv").is_file()
+    assert not (out / "group_seg-jlf_volumes.tsv").exists()
+    assert "no group table for jlf" in capsys.readouterr().err
+    rows = (out / "group_seg-mv_volumes.tsv").read_text().splitlines()
+    assert rows[1].split("\t")[:1] == ["sub-01"] and "256.0" in rows[1].split("\t")
