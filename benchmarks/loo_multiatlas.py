@@ -85,18 +85,11 @@ def _write_json(path: Path, data) -> None:
 # --- scoring ------------------------------------------------------------------------------------
 
 def dice_per_label(truth: np.ndarray, seg: np.ndarray, labels=EVAL_LABELS) -> dict[str, float | None]:
-    """Dice of each label; ``None`` where the label is in neither image (not scored)."""
-    truth = np.asarray(truth).ravel()
-    seg = np.asarray(seg).ravel()
-    size = int(max(truth.max(), seg.max(), max(labels))) + 1
-    n_truth = np.bincount(truth, minlength=size)
-    n_seg = np.bincount(seg, minlength=size)
-    n_both = np.bincount(truth[truth == seg], minlength=size)
-    out = {}
-    for lab in labels:
-        denom = n_truth[lab] + n_seg[lab]
-        out[str(lab)] = None if denom == 0 else float(2.0 * n_both[lab] / denom)
-    return out
+    """:func:`dlf_bids.evaluation.dice_per_label` keyed by label string, ``None`` where the label
+    is in neither image (not scored): the JSON form of the results files."""
+    from dlf_bids.evaluation import dice_per_label as dice
+
+    return {str(lab): None if math.isnan(v) else v for lab, v in dice(seg, truth, labels).items()}
 
 
 def oracle_segmentation(stack: np.ndarray, truth: np.ndarray, fallback: np.ndarray,

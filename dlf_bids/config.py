@@ -29,6 +29,7 @@ class Config:
     device: str = "auto"  # where DLF runs: auto (GPU when there is one), cpu or cuda
     dlf_force: bool = False  # feed noise for a missing modality even without ModAug
     atlas_batch: int = 4  # atlases per DLF forward pass (bounds memory)
+    dlf_probseg: bool = False  # also write DLF's per-label probabilities (one 4D probseg)
     # execution
     nprocs: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     omp_nthreads: int | None = None

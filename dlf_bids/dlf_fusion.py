@@ -24,6 +24,27 @@ class DLFResult:
     provenance: dict = field(default_factory=dict)
 
 
+def save_probseg(probabilities: np.ndarray, reference, out_file) -> Path:
+    """Write the foreground label probabilities as one 4D image on the reference's grid.
+
+    Volume ``k`` is the probability of the ``k``-th foreground channel (the model's label order,
+    which is the library's look-up-table order); background is left out, as in fMRIPrep's
+    probseg files. Stored as uint8 with a 1/255 scale factor: 0.004 steps are finer than the
+    network's calibration, and the file is 4x smaller than float32 (46 labels at 1 mm: ~0.9 GB
+    raw as float32)."""
+    ref = nb.load(str(reference))
+    data = np.moveaxis(np.asarray(probabilities[1:], dtype=np.float32), 0, -1)
+    hdr = ref.header.copy()
+    hdr.set_data_dtype(np.uint8)
+    hdr.set_slope_inter(1.0 / 255.0, 0.0)
+    hdr.set_xyzt_units("mm")
+    stored = np.clip(np.rint(data * 255.0), 0, 255).astype(np.uint8)
+    img = nb.Nifti1Image(stored, ref.affine, hdr)
+    img.header.set_slope_inter(1.0 / 255.0, 0.0)
+    nb.save(img, str(out_file))
+    return Path(out_file)
+
+
 def _load(path) -> np.ndarray:
     return np.asanyarray(nb.load(str(path)).dataobj).astype(np.float32)
 

@@ -102,6 +102,31 @@ def test_dlf_output_is_valid_bids(dlf_run):
     assert not result.errors, result.summary(20)
 
 
+def test_dlf_probseg_on_request(dlf_run, trained):
+    """--dlf-probseg adds one 4D probseg whose most likely label is the dseg's label."""
+    data, out = trained["data"], trained["root"] / "out-probseg"
+    code = dlf_bids_main([str(data.bids_dir), str(out), "participant", "--atlas-dir",
+                          str(data.atlas_dir), "--dlf-model", str(trained["model"]),
+                          "--dlf-probseg", "--participant-label", "01",
+                          "--registration-preset", "fast", "-w", str(trained["root"] / "work-p"),
+                          "--nprocs", "2", "--skip-bids-validation"])
+    assert code == 0
+    anat = out / "sub-01" / "anat"
+    prob = nb.load(anat / "sub-01_seg-dlf_probseg.nii.gz")
+    seg = np.asanyarray(nb.load(anat / "sub-01_seg-dlf_dseg.nii.gz").dataobj)
+    meta = json.loads((anat / "sub-01_seg-dlf_probseg.json").read_text())
+    lut = read_label_table(out / "seg-dlf_dseg.tsv")
+    assert meta["LabelIndices"] == list(lut.indices)
+    p = np.asarray(prob.dataobj, dtype=np.float32)
+    assert p.shape == (*seg.shape, len(lut.indices)) and p.min() >= 0.0 and p.max() <= 1.0
+    fg = seg > 0
+    volume = np.searchsorted(np.asarray(meta["LabelIndices"]), seg[fg])
+    chosen = np.take_along_axis(p[fg], volume[:, None], axis=1)[:, 0]
+    assert np.all(chosen >= p[fg].max(axis=1) - 1.0 / 255 - 1e-6)  # uint8 storage
+    if validator_available():
+        assert not validate_dataset(out).errors
+
+
 def test_fusion_dlf_without_model_is_a_usage_error(trained, tmp_path, capsys):
     data = trained["data"]
     code = dlf_bids_main([str(data.bids_dir), str(tmp_path / "o"), "participant", "--atlas-dir",

@@ -180,6 +180,26 @@ def test_label_masking_keeps_labels_no_atlas_carries_out():
     assert float(pred.probabilities[2].max()) == 0.0
 
 
+def test_skipping_empty_windows_changes_nothing_but_the_work():
+    """Windows where every atlas says background are not run through the network, and the
+    result is the same as running them."""
+    model, info = make_model(seed=4)
+    shape = (48, 24, 24)
+    target, _ = synth(5, shape)
+    atl_img, atl_lab = atlases_for(shape, n=2)
+    atl_lab[:, 24:] = 0  # the second half of the image carries no atlas label at all
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    skipped = predict(model, info, target, atl_img, atl_lab)
+    n_skipped = len(calls)
+    calls.clear()
+    full = predict(model, info, target, atl_img, atl_lab, skip_empty_windows=False)
+    assert n_skipped < len(calls)
+    assert np.array_equal(skipped.labels, full.labels)
+    assert np.array_equal(skipped.probabilities, full.probabilities)
+    assert np.array_equal(skipped.uncertainty, full.uncertainty)
+
+
 def test_predict_refuses_bad_inputs():
     model, info = make_model()
     target, _ = synth(0, PATCH)

@@ -289,6 +289,21 @@ def test_labels_from_posteriors_keeps_background():
     assert seg.tolist() == [[0]]
 
 
+def test_labels_from_posteriors_equals_the_stacked_argmax():
+    """The running reduction gives np.argmax's answer, ties included (earliest wins)."""
+    from dlf_bids.fusion import labels_from_posteriors
+
+    rng = np.random.default_rng(3)
+    posteriors = [np.round(rng.uniform(0, 0.4, (6, 7, 5)), 1).astype(np.float32) for _ in range(4)]
+    values = [2, 41, 3, 42]
+    mask = rng.uniform(size=(6, 7, 5)) > 0.2
+    probs = np.stack(posteriors)
+    background = np.clip(1.0 - probs.sum(axis=0), 0.0, 1.0)
+    expected = np.array([0, *values])[np.argmax(np.concatenate([background[None], probs]), axis=0)]
+    expected[~mask] = 0
+    assert np.array_equal(labels_from_posteriors(posteriors, values, mask), expected)
+
+
 def test_joint_label_fusion_leaves_dilated_margin_background(jlf_case):
     """The fusion mask is dilated beyond the atlases' union; that margin must stay background."""
     from dlf_bids.fusion import fusion_mask, load_label_stack
@@ -299,3 +314,12 @@ def test_joint_label_fusion_leaves_dilated_margin_background(jlf_case):
     seg = joint_label_fusion(jlf_case["target"], jlf_case["atlases"][:3], jlf_case["labels"][:3],
                              patch_radius_mm=VOX, search_radius_mm=VOX, n_threads=1)
     assert np.all(seg[margin] == 0)
+
+
+def test_joint_label_fusion_refuses_a_single_atlas(jlf_case):
+    """antspyx would fail with an IndexError; we say why instead."""
+    from dlf_bids.errors import UsageError
+    from dlf_bids.fusion import joint_label_fusion
+
+    with pytest.raises(UsageError, match="at least 2 atlases"):
+        joint_label_fusion(jlf_case["target"], jlf_case["atlases"][:1], jlf_case["labels"][:1])

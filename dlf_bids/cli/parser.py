@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dlf-bids",
         description="Brain MRI segmentation from a BIDS dataset into BIDS-Derivatives: multi-atlas "
-                    "registration (ANTs) with majority voting or joint label fusion.",
+                    "registration (ANTs), then Deep Label Fusion (with a model from dlf-bids-train), "
+                    "joint label fusion or majority voting.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "with ModAug (the missing channel becomes noise; results may be poor)")
     seg.add_argument("--atlas-batch", type=_positive_int, default=4,
                      help="atlases per DLF forward pass; lower it to save memory (default 4)")
+    seg.add_argument("--dlf-probseg", action="store_true",
+                     help="also write DLF's per-label probabilities as one 4D probseg image "
+                          "(volume k = k-th label of the seg-dlf look-up table; large at 1 mm)")
     seg.add_argument("--registration-preset", choices=sorted(REGISTRATION_PRESETS), default="quick",
                      help="ANTs registration: " + ", ".join(f"{k} = {v}" for k, v in
                                                              sorted(REGISTRATION_PRESETS.items())))

@@ -65,7 +65,7 @@ def config_from_args(args) -> Config:
         bids_database_dir=args.bids_database_dir.absolute() if args.bids_database_dir else None,
         fusion=_fusion_methods(args), registration_preset=args.registration_preset,
         dlf_model=_dlf_model(args), device=args.device, dlf_force=args.dlf_force_modalities,
-        atlas_batch=args.atlas_batch,
+        atlas_batch=args.atlas_batch, dlf_probseg=args.dlf_probseg,
         nprocs=args.nprocs or default_nprocs(), omp_nthreads=args.omp_nthreads, mem_gb=args.mem_gb,
         seed=args.seed, skip_bids_validation=args.skip_bids_validation,
         stop_on_first_crash=args.stop_on_first_crash, verbose=args.verbose,

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.2, help="atlases held out for validation")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--nprocs", type=int, default=None, help="parallel registrations")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for training (default: all available cores); on a shared "
+                        "machine give it only the cores that are really free")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -101,6 +104,12 @@ def train(args) -> Path:
     print(f"dlf-bids-train: {len(library.atlases)} atlases, {n_pairs} registrations "
           f"({args.registration_preset}), modalities {'+'.join(modalities)}, device {device}")
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     started = time.time()
     workflow = init_dlf_training_registration_wf(library, args.work_dir.absolute(),
                                                  args.registration_preset, args.seed, use_t2w)

@@ -70,10 +70,15 @@ class _DLFInputSpec(_FusionInputSpec):
     seed = traits.Int(0, usedefault=True, desc="seed of the noise channels")
     base_metadata = traits.Dict(desc="sidecar entries known when the graph is built")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="torch CPU threads")
+    write_probseg = traits.Bool(False, usedefault=True,
+                                desc="also write the per-label probabilities (4D)")
+    probseg_base_metadata = traits.Dict(desc="probseg sidecar entries known at build time")
 
 
 class _DLFOutputSpec(_FusionOutputSpec):
     out_uncertainty = File(exists=True, desc="normalised entropy of the fused label distribution")
+    out_probseg = File(desc="4D foreground label probabilities (when write_probseg)")
+    probseg_metadata = traits.Dict(desc="probseg_base_metadata plus the label of each volume")
     metadata = traits.Dict(desc="base_metadata plus what the run used (modalities, model hash)")
 
 
@@ -88,7 +93,7 @@ class DeepLabelFusion(SimpleInterface):
         import numpy as np
         import torch
 
-        from ..dlf_fusion import deep_label_fusion
+        from ..dlf_fusion import deep_label_fusion, save_probseg
 
         torch.set_num_threads(max(1, self.inputs.num_threads))
         result = deep_label_fusion(
@@ -104,5 +109,13 @@ class DeepLabelFusion(SimpleInterface):
         unc.header.set_xyzt_units("mm")
         self._results["out_uncertainty"] = os.path.join(runtime.cwd, "uncertainty_dlf.nii.gz")
         nb.save(unc, self._results["out_uncertainty"])
+        if self.inputs.write_probseg:
+            self._results["out_probseg"] = str(save_probseg(
+                result.probabilities, self.inputs.target_t1w,
+                os.path.join(runtime.cwd, "probseg_dlf.nii.gz")))
+            # volume order = the model's channels (it may know labels the library lacks)
+            self._results["probseg_metadata"] = {
+                **(self.inputs.probseg_base_metadata or {}),
+                "LabelIndices": [int(v) for v in result.channel_values[1:]]}
         self._results["metadata"] = {**(self.inputs.base_metadata or {}), **result.provenance}
         return runtime

@@ -1,74 +1,13 @@
-"""Learned segmentation models (plain PyTorch + MONAI; no nipype imports here)."""
+"""Learned segmentation models (plain PyTorch + MONAI; no nipype imports here).
 
-from .dlf import (
-    DeepLabelFusion,
-    DLFConfig,
-    check_patch_size,
-    coordinate_maps,
-    count_parameters,
-    crop_patch,
-    deep_supervision_loss,
-    fuse,
-    label_mask,
-    one_hot_labels,
-    patch_coordinates,
-)
-from .inference import (
-    Prediction,
-    fill_missing_modality,
-    label_distribution,
-    labels_to_channels,
-    normalise_patch,
-    normalised_entropy,
-    predict,
-    region_coordinates,
-    resolve_device,
-)
-from .model_file import (
-    FORMAT_VERSION,
-    NOISE,
-    ModalityPlan,
-    ModelInfo,
-    check_model_fits,
-    load_model,
-    model_hash,
-    save_model,
-)
-from .training import TrainingCase, TrainResult, TrainSettings, train_dlf
-from .unet import DeepSupervisionUNet
+The public names of each module are re-exported here; each module's ``__all__`` is the one list.
+"""
 
-__all__ = [
-    "FORMAT_VERSION",
-    "NOISE",
-    "ModalityPlan",
-    "ModelInfo",
-    "Prediction",
-    "TrainResult",
-    "TrainSettings",
-    "TrainingCase",
-    "check_model_fits",
-    "fill_missing_modality",
-    "label_distribution",
-    "labels_to_channels",
-    "load_model",
-    "model_hash",
-    "normalise_patch",
-    "normalised_entropy",
-    "predict",
-    "region_coordinates",
-    "resolve_device",
-    "save_model",
-    "train_dlf",
-    "DLFConfig",
-    "DeepLabelFusion",
-    "DeepSupervisionUNet",
-    "check_patch_size",
-    "coordinate_maps",
-    "count_parameters",
-    "crop_patch",
-    "deep_supervision_loss",
-    "fuse",
-    "label_mask",
-    "one_hot_labels",
-    "patch_coordinates",
-]
+from . import dlf, inference, model_file, training, unet
+from .dlf import *  # noqa: F401,F403
+from .inference import *  # noqa: F401,F403
+from .model_file import *  # noqa: F401,F403
+from .training import *  # noqa: F401,F403
+from .unet import *  # noqa: F401,F403
+
+__all__ = [*dlf.__all__, *inference.__all__, *model_file.__all__, *training.__all__, *unet.__all__]

@@ -433,7 +433,7 @@ class DeepLabelFusion(nn.Module):
         for start in range(0, N, atlas_batch):
             sl = slice(start, min(start + atlas_batch, N))
             w = self.weight_maps(target, atlas_images[:, sl], coords)
-            votes = (w * atlas_onehot[:, sl]).sum(dim=1)
+            votes = fuse(w, atlas_onehot[:, sl]) * (sl.stop - sl.start)  # the chunk's sum of votes
             total = votes if total is None else total + votes
         return total / N
 

@@ -92,4 +92,18 @@ def init_single_image_wf(config: Config, anat: AnatomicalInput, library: AtlasLi
                 name="ds_uncertainty_dlf", run_without_submitting=True,
             )
             workflow.connect(multiatlas_wf, "outputnode.uncertainty_dlf", ds_unc, "in_file")
+            if config.dlf_probseg:
+                ds_prob = pe.Node(
+                    DerivativesDataSink(
+                        base_directory=str(config.output_dir), source_file=str(anat.t1w),
+                        segmentation="dlf", suffix="probseg", compress=True),
+                    name="ds_probseg_dlf", run_without_submitting=True,
+                )
+                multiatlas_wf.get_node("fuse_dlf").inputs.probseg_base_metadata = {
+                    "Description": "DLF probability of each label; 4D, volume k is the label "
+                                   "LabelIndices[k] of seg-dlf_dseg.tsv (background excluded)",
+                    "Sources": [bids_uri(anat.t1w, config.bids_dir, "raw")]}
+                workflow.connect([(multiatlas_wf, ds_prob, [
+                    ("outputnode.probseg_dlf", "in_file"),
+                    ("outputnode.probseg_metadata_dlf", "meta_dict")])])
     return workflow

@@ -67,7 +67,8 @@ def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multi
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w", "t2w"]), name="inputnode")
     outputnode = pe.Node(
-        niu.IdentityInterface(fields=["warped_t1w", "warped_dseg", "uncertainty_dlf", "metadata_dlf"]
+        niu.IdentityInterface(fields=["warped_t1w", "warped_dseg", "uncertainty_dlf", "metadata_dlf",
+                                      "probseg_dlf", "probseg_metadata_dlf"]
                               + [f"seg_{m}" for m in config.fusion]),
         name="outputnode",
     )
@@ -95,6 +96,10 @@ def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multi
             fuse.inputs.atlas_batch = config.atlas_batch
             fuse.inputs.force = config.dlf_force
             fuse.inputs.seed = config.seed
+            fuse.inputs.write_probseg = config.dlf_probseg
+            if config.dlf_probseg:
+                workflow.connect([(fuse, outputnode, [("out_probseg", "probseg_dlf"),
+                                                      ("probseg_metadata", "probseg_metadata_dlf")])])
             if warp_t2w and subject_has_t2w:
                 workflow.connect([(register, fuse, [("warped_t2w", "atlas_t2w")]),
                                   (inputnode, fuse, [("t2w", "target_t2w")])])
