@@ -48,6 +48,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loo_multiatlas as lma  # noqa: E402  (EVAL_LABELS, dice_per_label, _mean_dice, _stats, ...)
 
+from dlf_bids.models.training import TrainSettings as TS  # noqa: E402  (defaults of the flags)
+
 METHODS = ("mv", "jlf", "dlf")
 
 
@@ -375,6 +377,14 @@ def parse_args(argv=None):
                    help="atlases drawn (with replacement) for each training patch")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="training cases held out for validation (of the 4 per fold)")
+    # loss and learning-rate defaults: those of dlf-bids-train (TrainSettings)
+    p.add_argument("--loss-weighting", choices=["square", "simple", "uniform"], default=TS.gdl_weight,
+                   help="generalized Dice label weights: 1/volume² (paper), 1/volume, none")
+    p.add_argument("--bce-weight", type=float, default=TS.bce_weight,
+                   help="binary cross-entropy added to the loss")
+    p.add_argument("--dice-loss", choices=["generalized", "mean"], default=TS.dice_loss,
+                   help="generalized Dice (paper) or the mean of per-label Dice")
+    p.add_argument("--lr", type=float, default=TS.lr, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -413,9 +423,13 @@ def main(argv=None) -> int:
     settings = {"patch_size": [args.patch_size] * 3, "atlases_per_sample": args.atlases_per_sample,
                 "epochs": args.epochs, "iterations_per_epoch": args.iterations, "lr_step": args.lr_step,
                 "val_fraction": args.val_fraction, "modaug": False, "seed": args.seed,
-                "device": args.device}
+                "device": args.device, "gdl_weight": args.loss_weighting,
+                "bce_weight": args.bce_weight, "lr": args.lr, "dice_loss": args.dice_loss}
+    loss_tag = "" if (args.loss_weighting, args.bce_weight, args.lr, args.dice_loss) == (
+        TS.gdl_weight, TS.bce_weight, TS.lr, TS.dice_loss) else (
+        f"-{args.dice_loss}-{args.loss_weighting}-bce{args.bce_weight:g}-lr{args.lr:g}")
     tag = (f"dlf-{args.network}-p{args.patch_size}-e{args.epochs}x{args.iterations}"
-           f"-n{args.atlases_per_sample}-s{args.seed}")
+           f"-n{args.atlases_per_sample}-s{args.seed}{loss_tag}")
     out = (args.out or cache / tag).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.update({k: str(args.threads) for k in lma.SINGLE_THREAD_ENV})  # inherited by workers

@@ -197,6 +197,12 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--lr-step", type=int, default=8)
+    # loss and learning-rate defaults: those of dlf-bids-train (TrainSettings)
+    p.add_argument("--dice-loss", choices=["generalized", "mean"], default=ld.TS.dice_loss)
+    p.add_argument("--loss-weighting", choices=["square", "simple", "uniform"],
+                   default=ld.TS.gdl_weight)
+    p.add_argument("--bce-weight", type=float, default=ld.TS.bce_weight)
+    p.add_argument("--lr", type=float, default=ld.TS.lr)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     args = p.parse_args(argv)
@@ -209,7 +215,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     settings = {"patch_size": [args.patch_size] * 3, "epochs": args.epochs,
                 "iterations_per_epoch": args.iterations, "lr_step": args.lr_step,
-                "val_fraction": 0.0, "validation": "none", "seed": args.seed, "device": "cpu"}
+                "val_fraction": 0.0, "validation": "none", "seed": args.seed, "device": "cpu",
+                "gdl_weight": args.loss_weighting, "bce_weight": args.bce_weight, "lr": args.lr,
+                "dice_loss": args.dice_loss}
     state = {"config": {"from": str(cache), "fold": args.fold, "subjects": subjects,
                         "network": args.network, "settings": settings, "threads": args.threads,
                         "machine": platform_line()}, "models": {}}

@@ -3,12 +3,15 @@ label masking, atlas chunking, coordinate maps, parameter count, determinism."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import json
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dlf_bids.models import (
     DeepLabelFusion,
@@ -115,12 +118,45 @@ def test_input_validation():
 
 
 # ---------------------------------------------------------------------------------- gradients
+def test_zero_heads_start_from_the_majority_vote():
+    """By default both subnets start with zero output layers: every weight map is 0.5, the
+    initial segmentation is half the atlas vote fraction, every deep-supervision output is
+    sigmoid(gain * initial + offset) at its scale (so its argmax is the majority vote), and one
+    training step makes the model learn."""
+    from monai.losses import GeneralizedDiceLoss
+
+    L = 4
+    torch.manual_seed(2)
+    model = DeepLabelFusion(small_config(n_labels=L)).train()
+    target, atlases, onehot, coords = make_inputs(N=2, L=L, S=16, seed=4)
+    out = model(target, atlases, onehot, coords)
+    initial = out["initial"]
+    assert torch.allclose(initial, 0.5 * onehot.mean(dim=1))
+    gain, offset = model.config.vote_gain, model.config.vote_offset
+    assert torch.allclose(out["output"], torch.sigmoid(gain * initial + offset) * out["mask"])
+    assert torch.allclose(out["deep_supervision"][0],
+                          torch.sigmoid(gain * F.avg_pool3d(initial, 8) + offset))
+    truth = one_hot_labels(torch.randint(0, L, (1, 16, 16, 16)), L, dim=1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(2):  # step 1 moves the heads; step 2 reaches the FT body through them
+        opt.zero_grad()
+        out = model(target, atlases, onehot, coords)
+        deep_supervision_loss(out["deep_supervision"], truth, GeneralizedDiceLoss(sigmoid=False),
+                              model.config.deep_supervision_weights).backward()
+        opt.step()
+    body = model.ft_net.input_block
+    assert all(p.grad is not None and torch.any(p.grad != 0) for p in body.parameters())
+
+
 def test_gradients_reach_both_subnets():
     from monai.losses import GeneralizedDiceLoss
 
     L = 4
     torch.manual_seed(1)
-    model = DeepLabelFusion(small_config(n_labels=L)).train()
+    # random output heads, so that every parameter is in the gradient's path from the start
+    # (the default zero heads are covered by test_zero_heads_start_from_the_weighted_vote)
+    config = dataclasses.replace(small_config(n_labels=L), zero_init_heads=False)
+    model = DeepLabelFusion(config).train()
     target, atlases, onehot, coords = make_inputs(N=2, L=L, S=16, seed=3)
     truth = one_hot_labels(torch.randint(0, L, (1, 16, 16, 16)), L, dim=1)
     captured = {}
@@ -338,7 +374,7 @@ def test_paper_sized_parameter_count():
     model = DeepLabelFusion(cfg)
     n_wv, n_ft, n = count_parameters(model.wv_net), count_parameters(model.ft_net), count_parameters(model)
     print(f"DLF paper-sized config: {n:,} parameters (WV {n_wv:,}, FT {n_ft:,}); paper ~9.5 M")
-    assert n == n_wv + n_ft
+    assert n == n_wv + n_ft + 2  # + the two vote scalars (gain, offset)
     assert 3_000_000 < n < 20_000_000
     assert n_ft > n_wv
 
@@ -392,15 +428,17 @@ def test_deep_supervision_loss():
 # ---------------------------------------------------------------------------------- determinism
 def test_deterministic_with_seed():
     inputs = make_inputs(N=2, S=16, seed=9)
+    # random output layers: with the default zero ones every seed gives the same (vote) output
+    config = dataclasses.replace(small_config(), zero_init_heads=False)
     outs = []
     for _ in range(2):
         torch.manual_seed(1234)
-        model = DeepLabelFusion(small_config()).eval()
+        model = DeepLabelFusion(config).eval()
         with torch.no_grad():
             outs.append(model(*inputs))
     for key in ("output", "initial"):
         assert torch.equal(outs[0][key], outs[1][key])
     torch.manual_seed(4321)
-    other = DeepLabelFusion(small_config()).eval()
+    other = DeepLabelFusion(config).eval()
     with torch.no_grad():
         assert not torch.equal(other(*inputs)["output"], outs[0]["output"])

@@ -16,6 +16,7 @@ import nibabel as nb
 import numpy as np
 
 from ..errors import DlfBidsError, UsageError
+from ..models.training import TrainSettings
 
 NETWORKS = {  # widths of the weighted-voting (3 levels) and fine-tuning (4 levels) subnets
     "tiny": ((8, 16, 32), (8, 16, 32, 64)),
@@ -38,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--iterations", type=int, default=100, help="patches per epoch")
     p.add_argument("--lr-step", type=int, default=10, help="epochs between learning-rate decays")
+    p.add_argument("--lr", type=float, default=TrainSettings.lr, help="Adam learning rate")
+    p.add_argument("--dice-loss", choices=["generalized", "mean"], default=TrainSettings.dice_loss,
+                   help="generalized Dice (one overlap over all labels, weighted by --loss-weighting; "
+                        "the paper's) or the mean of per-label soft Dice")
+    p.add_argument("--loss-weighting", choices=["square", "simple", "uniform"],
+                   default=TrainSettings.gdl_weight,
+                   help="generalized Dice label weights: 1/volume (simple), 1/volume² (square, "
+                        "the paper's; starves large structures when small ones are many), none")
+    p.add_argument("--bce-weight", type=float, default=TrainSettings.bce_weight,
+                   help="binary cross-entropy added to the Dice loss")
     p.add_argument("--atlases-per-sample", type=int, default=4,
                    help="atlases drawn (with replacement) for each training patch")
     p.add_argument("--t1w-only", action="store_true", help="ignore the library's T2w images")
@@ -125,6 +136,8 @@ def train(args) -> Path:
     settings = TrainSettings(
         patch_size=(args.patch_size,) * 3, atlases_per_sample=args.atlases_per_sample,
         epochs=args.epochs, iterations_per_epoch=args.iterations, lr_step=args.lr_step,
+        lr=args.lr, dice_loss=args.dice_loss, gdl_weight=args.loss_weighting,
+        bce_weight=args.bce_weight,
         val_fraction=args.val_fraction, modaug=use_t2w and not args.no_modaug,
         seed=args.seed, device=device)
     result = train_dlf(cases, library.labels, config, settings, modalities, args.model_file,
