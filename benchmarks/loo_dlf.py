@@ -278,8 +278,9 @@ def markdown(state: dict, summary: dict) -> str:
     lines = [
         f"LOO DLF, folds {' '.join(cfg['folds'])} of subjects {' '.join(cfg['subjects'])}, voxel size "
         f"{bcfg.get('voxel_size_label', '?')}, registrations from {cfg['from']} "
-        f"(preset {bcfg.get('preset', '?')}; DLF training uses all {reg.get('pairs_done', '?')} cached pairs, "
-        f"MV/JLF the {len(cfg['subjects']) - 1} of their target); network {cfg['network']}, patch "
+        f"(preset {bcfg.get('preset', '?')}; a fold's DLF trains on the pairs among the other "
+        f"{len(cfg['subjects']) - 1} subjects, never the held-out one; DLF, MV and JLF fuse the "
+        f"{len(cfg['subjects']) - 1} atlases of their target); network {cfg['network']}, patch "
         f"{s['patch_size'][0]}³, {s['epochs']} epochs × {s['iterations_per_epoch']} iterations, "
         f"{s['atlases_per_sample']} atlases/sample, val fraction {s['val_fraction']}, seed {s['seed']}, "
         f"device {cfg['device']}, {cfg['threads']} torch thread(s).",
