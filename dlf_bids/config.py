@@ -34,6 +34,8 @@ class Config:
     nprocs: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     omp_nthreads: int | None = None
     mem_gb: float | None = None
+    plugin: str = "MultiProc"  # Nipype execution plugin (--plugin-config; see dlf_bids.execution)
+    plugin_args: dict | None = field(default=None, hash=False)  # from the plugin file
     seed: int = 0
     skip_bids_validation: bool = False
     stop_on_first_crash: bool = False

@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="threads per process (registration, fusion)")
     perf.add_argument("--mem-gb", type=float, default=None, metavar="GB",
                       help="memory limit in GB (gigabytes) for the scheduler")
+    perf.add_argument("--plugin-config", type=Path, metavar="FILE",
+                      help="Nipype plugin settings (YAML: 'plugin' and 'plugin_args'), e.g. "
+                           "workflows/plugins/slurm.yml to run every node as a SLURM job "
+                           "(default: MultiProc on this machine)")
     perf.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     perf.add_argument("--stop-on-first-crash", action="store_true",
                       help="stop everything at the first failure instead of finishing other subjects")

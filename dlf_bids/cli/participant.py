@@ -147,17 +147,18 @@ def run_participant_level(config: Config, validate_input) -> int:
     write_method_luts(config.output_dir, config.fusion, library.labels)
     log_dir = _configure_nipype(config)
 
+    from ..execution import plugin_settings
     from ..workflows.base import init_dlf_bids_wf  # imports niworkflows: seconds, so only now
 
     workflow = init_dlf_bids_wf(config, anatomicals, library)
     n_nodes = count_jobs(workflow, len(library.atlases))
-    plugin_args = {"n_procs": config.nprocs, "raise_insufficient": False, "maxtasksperchild": 1,
-                   "status_callback": ProgressReporter(n_nodes)}
-    if config.mem_gb:
-        plugin_args["memory_gb"] = config.mem_gb
+    plugin, plugin_args = plugin_settings(config.plugin, config.plugin_args, config.nprocs,
+                                          config.mem_gb, ProgressReporter(n_nodes))
+    if plugin != "MultiProc":
+        _say(f"running the graph with Nipype's {plugin} plugin")
     started = time.time()
     try:
-        workflow.run(plugin="MultiProc", plugin_args=plugin_args)
+        workflow.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as err:
         LOG.debug("workflow error: %s", err)
     return summarise(config, anatomicals, skipped, started, log_dir)

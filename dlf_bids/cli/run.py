@@ -54,6 +54,14 @@ def config_from_args(args) -> Config:
     if _inside(work_dir, bids_dir):
         raise UsageError(f"work dir {work_dir} is inside the input dataset; pass -w elsewhere")
     atlas_dir = args.atlas_dir.absolute() if args.atlas_dir else None
+    plugin, plugin_args = "MultiProc", None
+    if args.plugin_config is not None:
+        from ..execution import load_plugin_config
+
+        plugin, plugin_args = load_plugin_config(args.plugin_config)
+    # a MultiProc file's n_procs/memory_gb apply unless the flags say otherwise
+    nprocs = args.nprocs or (plugin_args or {}).get("n_procs") or default_nprocs()
+    mem_gb = args.mem_gb or (plugin_args or {}).get("memory_gb")
     if atlas_dir and _inside(output_dir, atlas_dir):
         raise UsageError(f"output_dir {output_dir} is inside the atlas library")
     return Config(
@@ -66,7 +74,8 @@ def config_from_args(args) -> Config:
         fusion=_fusion_methods(args), registration_preset=args.registration_preset,
         dlf_model=_dlf_model(args), device=args.device, dlf_force=args.dlf_force_modalities,
         atlas_batch=args.atlas_batch, dlf_probseg=args.dlf_probseg,
-        nprocs=args.nprocs or default_nprocs(), omp_nthreads=args.omp_nthreads, mem_gb=args.mem_gb,
+        nprocs=int(nprocs), omp_nthreads=args.omp_nthreads, mem_gb=mem_gb,
+        plugin=plugin, plugin_args=plugin_args,
         seed=args.seed, skip_bids_validation=args.skip_bids_validation,
         stop_on_first_crash=args.stop_on_first_crash, verbose=args.verbose,
     )

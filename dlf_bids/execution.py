@@ -1,0 +1,77 @@
+"""Which Nipype execution plugin runs the graph, and with what settings.
+
+dlf-bids never schedules work itself: one machine uses Nipype's MultiProc (``--nprocs``,
+``--mem-gb``); a cluster uses Nipype's SLURM/SGE/PBS plugins through ``--plugin-config FILE``, a
+YAML file as fMRIPrep's ``--use-plugin`` takes::
+
+    plugin: SLURM
+    plugin_args:
+      sbatch_args: "--time=02:00:00 --mem=4G --cpus-per-task=1"
+
+Ready files are in the repository's ``workflows/plugins/``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from pathlib import Path
+
+from .errors import MissingInputError, UsageError
+
+# Nipype plugins that make sense for a BIDS-App run (Linear is for debugging).
+PLUGINS = ("MultiProc", "Linear", "SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "PBSGraph",
+           "LSF", "Condor", "OAR")
+
+
+def load_plugin_config(path: Path) -> tuple[str, dict]:
+    """Read a plugin YAML file: ``plugin`` (a Nipype plugin name) and optional ``plugin_args``."""
+    import yaml
+
+    if not path.is_file():
+        raise MissingInputError(f"plugin config {path} does not exist")
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise UsageError(f"plugin config {path} is not valid YAML{where}") from None
+    if not isinstance(content, dict) or "plugin" not in content:
+        raise UsageError(f"plugin config {path} must be a mapping with a 'plugin' key "
+                         f"(one of {', '.join(PLUGINS)})")
+    plugin = str(content["plugin"])
+    match = {p.lower(): p for p in PLUGINS}.get(plugin.lower())
+    if match is None:
+        raise UsageError(f"plugin config {path}: unknown plugin {plugin!r} "
+                         f"(one of {', '.join(PLUGINS)})")
+    args = content.get("plugin_args") or {}
+    if not isinstance(args, dict):
+        raise UsageError(f"plugin config {path}: 'plugin_args' must be a mapping")
+    unknown = set(content) - {"plugin", "plugin_args"}
+    if unknown:
+        raise UsageError(f"plugin config {path}: unknown key(s) {', '.join(sorted(unknown))}")
+    return match, dict(args)
+
+
+def plugin_settings(plugin: str, file_args: dict | None, nprocs: int, mem_gb: float | None,
+                    status_callback=None) -> tuple[str, dict]:
+    """The plugin name and arguments for ``workflow.run``.
+
+    For MultiProc, ``--nprocs``/``--mem-gb`` win over the file (they are the documented flags);
+    ``maxtasksperchild=1`` keeps every node in a fresh process so torch/ITK thread pools and memory
+    do not leak between nodes.
+    """
+    args = dict(file_args or {})
+    if plugin.startswith("SLURM") and "LOGNAME" not in os.environ:
+        # Nipype's SLURM plugins read $LOGNAME (for squeue -u), which batch and container
+        # environments often lack
+        os.environ["LOGNAME"] = getpass.getuser()
+    if plugin == "MultiProc":
+        args.setdefault("raise_insufficient", False)
+        args.setdefault("maxtasksperchild", 1)
+        args["n_procs"] = nprocs
+        if mem_gb:
+            args["memory_gb"] = mem_gb
+    if status_callback is not None:
+        args["status_callback"] = status_callback
+    return plugin, args
