@@ -227,11 +227,13 @@ def label_distribution(probabilities: torch.Tensor, background: str = "derived",
 
 
 def normalised_entropy(probabilities: torch.Tensor | np.ndarray, dim: int = 0, eps: float = 1e-12,
-                       chunk_voxels: int = 1 << 22):
+                       chunk_voxels: int = 1 << 18):
     """Entropy of the label distribution along ``dim`` after renormalising to sum 1, divided by
     ``log(L)``: 0 where one label has all the mass, 1 for a uniform distribution (also where no
     label has any mass). Computed in float64 on chunks of ``chunk_voxels`` voxels, so a
-    ``(45, 256, 256, 256)`` input needs no full-size temporaries."""
+    ``(45, 256, 256, 256)`` input needs no full-size temporaries: each chunk makes a few float64
+    ``(L, chunk_voxels)`` temporaries, ~90 MB each for 42 labels (with 4 M-voxel chunks they were
+    1.4 GB each and made DLF's 1 mm peak memory 7.5 GiB; BENCHMARKS.md)."""
     p_all = torch.as_tensor(probabilities).movedim(dim, 0)
     L = p_all.shape[0]
     spatial = tuple(p_all.shape[1:])
