@@ -405,6 +405,7 @@ def main(argv=None) -> int:
                 return 2
     _write_json(cfg_file, {k: config[k] for k in ("voxel_size_mm", "preset", "seed")})
 
+    targets = list(args.targets or args.subjects)  # held-out subjects registered to and fused
     run_start = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
     # One fresh process per task: each task's ru_maxrss is its own peak.
@@ -416,7 +417,7 @@ def main(argv=None) -> int:
                     "python": platform.python_version()},
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "conversions": conversions, "registrations": {}, "fusions": {},
-        "pairs_total": len(args.targets or args.subjects) * (len(args.subjects) - 1),
+        "pairs_total": len(targets) * (len(args.subjects) - 1),
     }
 
     def save_state(final=False):
@@ -432,7 +433,6 @@ def main(argv=None) -> int:
 
     # Work list: registrations in target order; a target's fusions become ready once its
     # registrations are done and are then run before further registrations (partial results).
-    targets = list(args.targets or args.subjects)
     pending_regs = []
     for target in targets:
         for atlas in args.subjects:

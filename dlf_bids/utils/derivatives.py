@@ -24,8 +24,8 @@ def write_dataset_description(output_dir: Path, bids_dir: Path, atlas_dir: Path 
     container = os.environ.get("DLF_BIDS_CONTAINER")  # set by our container recipes
     if container:
         generated_by["Container"] = {"Type": container}
-        if os.environ.get("DLF_BIDS_CONTAINER_TAG"):
-            generated_by["Container"]["Tag"] = os.environ["DLF_BIDS_CONTAINER_TAG"]
+        if tag := os.environ.get("DLF_BIDS_CONTAINER_TAG"):
+            generated_by["Container"]["Tag"] = tag
     desc = {
         "Name": "dlf-bids: multi-atlas and learned segmentations",
         "BIDSVersion": "1.10.0",
