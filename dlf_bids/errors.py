@@ -12,6 +12,8 @@ EXIT_NO_FILES = 18
 EXIT_USAGE = 64
 EXIT_BAD_DATA = 65
 EXIT_MISSING_INPUT = 66
+EXIT_RESOURCES = 69  # sysexits EX_UNAVAILABLE: the run cannot fit the memory it is given
+EXIT_CANT_WRITE = 73  # sysexits EX_CANTCREAT: the output or work dir cannot be written
 EXIT_PROCESSING_FAILED = 1
 
 
@@ -39,3 +41,15 @@ class NoFilesSelectedError(DlfBidsError):
 
 class BIDSValidationError(DlfBidsError):
     exit_code = EXIT_BIDS_VALIDATION
+
+
+class ResourceError(DlfBidsError):
+    """The run, as asked, would exceed ``--mem-gb`` (foreseen before any work)."""
+
+    exit_code = EXIT_RESOURCES
+
+
+class CannotWriteError(DlfBidsError):
+    """The output or work directory cannot be created or written."""
+
+    exit_code = EXIT_CANT_WRITE
