@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,15 +132,37 @@ def load_layout(bids_dir: Path, database_dir: Path | None = None, reset: bool = 
         index_metadata=False,
         ignore=("code", "stimuli", "sourcedata", "models", "derivatives", re.compile(r"^\.")),
     )
-    kwargs = {}
-    if database_dir is not None:
-        Path(database_dir).mkdir(parents=True, exist_ok=True)
-        kwargs = {"database_path": str(database_dir), "reset_database": reset}
-    layout = BIDSLayout(str(bids_dir), validate=False, indexer=indexer, **kwargs)
-    if database_dir is not None and not reset and Path(layout.root).resolve() != Path(bids_dir).resolve():
-        # an index of another dataset: never answer queries from it
-        return load_layout(bids_dir, database_dir, reset=True)
+    if database_dir is None:
+        return BIDSLayout(str(bids_dir), validate=False, indexer=indexer)
+    Path(database_dir).mkdir(parents=True, exist_ok=True)
+    # Runs sharing a work dir (cluster array tasks, two terminals) share the index: one builds it
+    # while the others wait, or a reader would see a half-written index and miss subjects.
+    # A run killed while indexing leaves an index without the marker: it is rebuilt, not trusted.
+    complete = Path(database_dir) / ".index-complete"
+    with _exclusive_lock(Path(database_dir) / ".lock"):
+        reset = reset or not complete.exists()
+        complete.unlink(missing_ok=True)
+        layout = BIDSLayout(str(bids_dir), validate=False, indexer=indexer,
+                            database_path=str(database_dir), reset_database=reset)
+        if not reset and Path(layout.root).resolve() != Path(bids_dir).resolve():
+            # an index of another dataset: never answer queries from it
+            layout = BIDSLayout(str(bids_dir), validate=False, indexer=indexer,
+                                database_path=str(database_dir), reset_database=True)
+        complete.touch()
     return layout
+
+
+@contextmanager
+def _exclusive_lock(path: Path):
+    """An advisory lock (``flock``) held for the ``with`` block; released if the process dies."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _pick_t2w(t1w_entities: dict, t2w_files) -> Path | None:
