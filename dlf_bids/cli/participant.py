@@ -9,7 +9,8 @@ from datetime import datetime
 from pathlib import Path
 
 from ..config import Config
-from ..errors import EXIT_OK, EXIT_PROCESSING_FAILED, BadDataError, UsageError
+from ..errors import (EXIT_OK, EXIT_PROCESSING_FAILED, BadDataError, ResourceError,
+                      UsageError)
 
 LOG = logging.getLogger("dlf_bids")
 
@@ -76,6 +77,21 @@ def select_inputs(config: Config):
     return usable, skipped
 
 
+def check_memory(config: Config, anatomicals, library) -> None:
+    """Refuse, before any work, a run whose largest node alone cannot fit the memory it has."""
+    from ..resources import machine_memory_gb, plan_memory
+
+    limit = config.mem_gb or machine_memory_gb()
+    given = f"--mem-gb {config.mem_gb:g}" if config.mem_gb else f"this machine's {limit:.1f} GB"
+    for anat in anatomicals:
+        plan = plan_memory(anat.t1w, [a.t1w for a in library.atlases], config.fusion,
+                           len(library.labels.indices))
+        node, need = plan.largest
+        if need > limit:
+            raise ResourceError(f"{anat.t1w.name}: {node} needs about {need:.1f} GB, more than "
+                                f"{given}; give the run more memory")
+
+
 def _configure_nipype(config: Config) -> Path:
     from nipype import config as ncfg
     from nipype import logging as nlogging
@@ -131,6 +147,7 @@ def run_participant_level(config: Config, validate_input) -> int:
     if "dlf" in config.fusion:
         check_dlf_model(config, library)
     anatomicals, skipped = select_inputs(config)
+    check_memory(config, anatomicals, library)
     _say(f"{len(anatomicals)} T1w image(s) to segment with {len(library.atlases)} atlases "
          f"({', '.join(config.fusion)}); {config.nprocs} process(es)")
     t2w_used = "dlf" in config.fusion and dlf_uses_t2w(config, library)

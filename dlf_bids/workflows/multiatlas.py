@@ -10,7 +10,10 @@ from nipype.pipeline import engine as pe
 from ..config import Config
 from ..interfaces.fusion import DeepLabelFusion, JointLabelFusion, MajorityVote
 from ..interfaces.registration import RegisterAtlas
+from ..resources import MemoryPlan, fusion_gb, registration_gb
 from ..utils.atlas_library import AtlasLibrary
+
+ONE_MM_BRAIN = 157 * 156 * 199  # voxels of a brain-cropped 1 mm T1w (fs-training sub-01)
 
 FUSION_INTERFACES = {"mv": MajorityVote, "jlf": JointLabelFusion, "dlf": DeepLabelFusion}
 
@@ -31,13 +34,14 @@ def dlf_uses_t2w(config: Config, library: AtlasLibrary) -> bool:
 
 
 def init_register_atlases_node(atlases, preset: str, seed: int, threads: int, warp_t2w: bool,
-                               name: str = "register_atlases") -> pe.MapNode:
+                               name: str = "register_atlases",
+                               mem_gb: float = 2.0) -> pe.MapNode:
     """One registration per atlas (the participant level and DLF training share this node);
-    MultiProc runs the map's items in parallel."""
+    MultiProc runs the map's items in parallel, ``mem_gb`` each."""
     register = pe.MapNode(
         RegisterAtlas(preset=preset, seed=seed, num_threads=threads),
         iterfield=["atlas_t1w", "atlas_dseg"] + (["atlas_t2w"] if warp_t2w else []),
-        name=name, n_procs=threads, mem_gb=2.0,
+        name=name, n_procs=threads, mem_gb=mem_gb,
     )
     register.inputs.atlas_t1w = [str(a.t1w) for a in atlases]
     register.inputs.atlas_dseg = [str(a.dseg) for a in atlases]
@@ -47,8 +51,11 @@ def init_register_atlases_node(atlases, preset: str, seed: int, threads: int, wa
 
 
 def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multiatlas_wf",
-                       subject_has_t2w: bool = False):
+                       subject_has_t2w: bool = False, memory: MemoryPlan | None = None):
     """Build the registration + fusion workflow for one T1w image.
+
+    ``memory`` (:func:`dlf_bids.resources.plan_memory` of this T1w) sets each node's ``mem_gb``,
+    which MultiProc schedules by; without it, the sizes of a 1 mm brain are assumed.
 
     Inputs
     ------
@@ -75,8 +82,13 @@ def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multi
     warp_t2w = dlf_uses_t2w(config, library)
     threads = config.threads_per_process
 
+    if memory is None:
+        memory = MemoryPlan(registration_gb(ONE_MM_BRAIN, ONE_MM_BRAIN),
+                            {m: fusion_gb(m, ONE_MM_BRAIN, len(library.atlases),
+                                          len(library.labels.indices)) for m in config.fusion})
     register = init_register_atlases_node(library.atlases, config.registration_preset, config.seed,
-                                          config.registration_threads, warp_t2w)
+                                          config.registration_threads, warp_t2w,
+                                          mem_gb=memory.registration)
 
     workflow.connect([
         (inputnode, register, [("t1w", "target_t1w")]),
@@ -85,7 +97,7 @@ def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multi
 
     for method in config.fusion:
         fuse = pe.Node(FUSION_INTERFACES[method](), name=f"fuse_{method}",
-                       mem_gb=6.0 if method == "dlf" else 4.0)
+                       mem_gb=memory.fusion[method])
         if method in ("jlf", "dlf"):
             fuse.inputs.num_threads = threads
             fuse.n_procs = threads
