@@ -94,6 +94,21 @@ def blob_phantom(seed: int, shape=(24, 24, 24), jitter: int = 1, radius_jitter: 
     return img, lab
 
 
+def listing(root: Path) -> list[tuple[str, int]]:
+    """Every path under ``root`` with its size (directories as -1)."""
+    return sorted((p.relative_to(root).as_posix(), p.stat().st_size if p.is_file() else -1)
+                  for p in root.rglob("*"))
+
+
+def the_error_line(err: str) -> str:
+    """The single ``dlf-bids: error:`` line of stderr (and no traceback anywhere)."""
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, err
+    assert errors[0].startswith("dlf-bids: error: "), err
+    return errors[0]
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` next to the project (real data, never copied into the repository)."""
@@ -120,6 +135,23 @@ def make_skeleton():
 def nifti():
     """``nifti(shape=..., voxel_size=..., seed=...)``: a tiny valid image (see :func:`tiny_nifti`)."""
     return tiny_nifti
+
+
+@pytest.fixture
+def cli(tmp_path, capsys):
+    """``cli(args) -> (exit code, stdout, stderr)`` through ``dlf-bids``'s ``main``; ``-w``
+    defaults to a temporary folder."""
+    from dlf_bids.cli.run import main
+
+    def run(args, work=True):
+        args = [str(a) for a in args]
+        if work and "-w" not in args:
+            args += ["-w", str(tmp_path / "work")]
+        code = main(args)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
 
 
 @pytest.fixture(scope="session")

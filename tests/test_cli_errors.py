@@ -18,22 +18,9 @@ from dlf_bids.config import Config
 from dlf_bids.errors import (EXIT_BAD_DATA, EXIT_BIDS_VALIDATION, EXIT_MISSING_INPUT, EXIT_NO_FILES,
                              EXIT_UNKNOWN_LEVEL, EXIT_USAGE, BadDataError)
 
+from conftest import listing, the_error_line  # shared with test_bad_inputs
+
 VALIDATOR = "bids-validator-deno"
-
-
-def listing(root: Path) -> list[tuple[str, int]]:
-    """Every path under ``root`` with its size (directories as -1)."""
-    return sorted((p.relative_to(root).as_posix(), p.stat().st_size if p.is_file() else -1)
-                  for p in root.rglob("*"))
-
-
-def the_error_line(err: str) -> str:
-    """The single ``dlf-bids: error:`` line of stderr (and no traceback anywhere)."""
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1, err
-    assert errors[0].startswith("dlf-bids: error: "), err
-    return errors[0]
 
 
 @pytest.fixture
@@ -43,21 +30,6 @@ def raw(tmp_path, make_skeleton) -> Path:
         "sub-01/anat/sub-01_T1w.nii.gz": "nii",
         "README": "A tiny test dataset for dlf-bids; nothing to see here.\n",
     })
-
-
-@pytest.fixture
-def cli(tmp_path, capsys):
-    """``cli(args) -> (exit code, stdout, stderr)``; ``-w`` defaults to a temporary folder."""
-
-    def run(args, work=True):
-        args = [str(a) for a in args]
-        if work and "-w" not in args:
-            args += ["-w", str(tmp_path / "work")]
-        code = main(args)
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 @pytest.fixture
@@ -296,8 +268,8 @@ def test_select_inputs_reports_skipped_subjects(tmp_path, make_skeleton, nifti, 
     assert len(lines) == 4 and all(line.startswith("dlf-bids: skipping sub-0") for line in lines)
     by_subject = {line.split()[2].rstrip(":"): line for line in lines}
     assert "no T1w image in anat/" in by_subject["sub-01"]
-    assert "cannot be read" in by_subject["sub-03"]
-    assert "all zeros" in by_subject["sub-04"]
+    assert "empty file" in by_subject["sub-03"]
+    assert "is constant (every voxel is 0)" in by_subject["sub-04"]
     assert "not a 3D image" in by_subject["sub-05"]
     assert (tmp_path / "work" / "bids_db").is_dir()  # the index lives in the work dir
 

@@ -32,6 +32,11 @@ def inputs_of(root: Path) -> list[AnatomicalInput]:
     return collect_anatomicals(load_layout(root)).anatomicals
 
 
+def real_images(paths) -> dict:
+    """A skeleton spec of real tiny images: the graph reads their headers to size each node."""
+    return dict.fromkeys(paths, "nii")
+
+
 def subworkflows(workflow) -> list[str]:
     return sorted({name.split(".")[0] for name in workflow.list_node_names()})
 
@@ -87,7 +92,7 @@ def check_single_image_wf(sub, config, anat, library):
 
 @pytest.mark.parametrize("fusion", [("mv",), ("jlf",), ("jlf", "mv")])
 def test_one_subject_no_session(tmp_path, make_skeleton, library, wf_builder, fusion):
-    root = make_skeleton(tmp_path / "bids", ["sub-01/anat/sub-01_T1w.nii.gz"])
+    root = make_skeleton(tmp_path / "bids", real_images(["sub-01/anat/sub-01_T1w.nii.gz"]))
     config = make_config(root, tmp_path, library, fusion=fusion, nprocs=4)
     (anat,) = inputs_of(root)
     workflow = wf_builder(config, [anat], library)
@@ -98,8 +103,8 @@ def test_one_subject_no_session(tmp_path, make_skeleton, library, wf_builder, fu
 
 
 def test_two_sessions(tmp_path, make_skeleton, library, wf_builder):
-    root = make_skeleton(tmp_path / "bids", ["sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz",
-                                             "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz"])
+    root = make_skeleton(tmp_path / "bids", real_images(["sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz",
+                                                         "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz"]))
     config = make_config(root, tmp_path, library, fusion=("jlf", "mv"), nprocs=2)
     anats = inputs_of(root)
     workflow = wf_builder(config, anats, library)
@@ -109,9 +114,9 @@ def test_two_sessions(tmp_path, make_skeleton, library, wf_builder):
 
 
 def test_two_runs_and_two_subjects(tmp_path, make_skeleton, library, wf_builder):
-    root = make_skeleton(tmp_path / "bids", ["sub-01/anat/sub-01_run-1_T1w.nii.gz",
-                                             "sub-01/anat/sub-01_run-2_T1w.nii.gz",
-                                             "sub-02/anat/sub-02_acq-fast_T1w.nii.gz"])
+    root = make_skeleton(tmp_path / "bids", real_images(["sub-01/anat/sub-01_run-1_T1w.nii.gz",
+                                                         "sub-01/anat/sub-01_run-2_T1w.nii.gz",
+                                                         "sub-02/anat/sub-02_acq-fast_T1w.nii.gz"]))
     config = make_config(root, tmp_path, library, fusion=("mv",), nprocs=1)
     anats = inputs_of(root)
     workflow = wf_builder(config, anats, library)
@@ -139,7 +144,7 @@ def test_demo_dataset_graph(tmp_path, demo_data, library, wf_builder):
     (4, 2, 2), (4, 10, 4), (1, 3, 1),
 ])
 def test_threads_per_process(tmp_path, make_skeleton, library, wf_builder, nprocs, omp, expected):
-    root = make_skeleton(tmp_path / "bids", ["sub-01/anat/sub-01_T1w.nii.gz"])
+    root = make_skeleton(tmp_path / "bids", real_images(["sub-01/anat/sub-01_T1w.nii.gz"]))
     config = make_config(root, tmp_path, library, fusion=("jlf",), nprocs=nprocs, omp_nthreads=omp)
     assert config.threads_per_process == expected
     # registration is single-threaded unless asked (the reproducible setting)
@@ -167,8 +172,8 @@ def test_images_differing_by_task_get_their_own_subworkflow(tmp_path, make_skele
                                                               wf_builder):
     from dlf_bids.cli.participant import expected_outputs
 
-    root = make_skeleton(tmp_path / "bids", ["sub-01/anat/sub-01_task-still_T1w.nii.gz",
-                                             "sub-01/anat/sub-01_task-nodding_T1w.nii.gz"])
+    root = make_skeleton(tmp_path / "bids", real_images(["sub-01/anat/sub-01_task-still_T1w.nii.gz",
+                                                         "sub-01/anat/sub-01_task-nodding_T1w.nii.gz"]))
     config = make_config(root, tmp_path, library, fusion=("mv",), nprocs=2)
     anats = inputs_of(root)
     assert len(anats) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -55,25 +56,28 @@ def count_jobs(workflow, n_atlases: int) -> int:
 
 
 def select_inputs(config: Config):
-    """Query the dataset and check each T1w; bad or missing inputs are reported, not fatal."""
+    """Query the dataset and check each T1w and its T2w; bad inputs are reported, not fatal."""
     from ..utils.bids import collect_anatomicals, load_layout
-    from ..utils.images import check_anatomical
 
     layout = load_layout(config.bids_dir, config.database_dir)
     collected = collect_anatomicals(layout, config.participant_labels, config.session_labels,
                                     config.bids_filters)
-    usable, skipped = [], list(collected.skipped)
+    usable, skipped, warnings = [], list(collected.skipped), []
     for anat in collected.anatomicals:
         try:
-            check_anatomical(anat.t1w)
+            anat, notes = check_input(anat)
         except BadDataError as err:
             skipped.append((anat.subject, str(err)))
             continue
         usable.append(anat)
+        warnings += notes
+    for warning in warnings:
+        print(f"dlf-bids: warning: {warning}", file=sys.stderr)
     for subject, reason in skipped:
         print(f"dlf-bids: skipping sub-{subject}: {reason}", file=sys.stderr)
     if not usable:
-        raise BadDataError("no usable T1w image among the selected participants")
+        raise BadDataError(f"no usable T1w image among the selected participants "
+                           f"({_first_reasons(skipped)})")
     return usable, skipped
 
 
@@ -90,6 +94,32 @@ def check_memory(config: Config, anatomicals, library) -> None:
         if need > limit:
             raise ResourceError(f"{anat.t1w.name}: {node} needs about {need:.1f} GB, more than "
                                 f"{given}; give the run more memory")
+
+
+def check_input(anat):
+    """``(anat, warnings)``; a bad T1w raises :class:`BadDataError`, a bad T2w is dropped.
+
+    The T2w only helps (DLF's second modality), so losing it must not cost the segmentation.
+    """
+    from ..utils.images import check_anatomical, check_t2w
+
+    warnings = check_anatomical(anat.t1w)
+    if anat.t2w is None:
+        return anat, warnings
+    try:
+        warnings += check_t2w(anat.t2w, anat.t1w)
+    except BadDataError as err:
+        warnings.append(f"{err}; T2w not used, {anat.t1w.name} is segmented without it")
+        return replace(anat, t2w=None), warnings
+    return anat, warnings
+
+
+def _first_reasons(skipped, most: int = 3) -> str:
+    """The first few skip reasons, so the error line itself names the files."""
+    reasons = [f"sub-{subject}: {reason}" for subject, reason in skipped[:most]]
+    if len(skipped) > most:
+        reasons.append(f"{len(skipped) - most} more above")
+    return "; ".join(reasons)
 
 
 def _configure_nipype(config: Config) -> Path:

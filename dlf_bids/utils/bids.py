@@ -97,7 +97,30 @@ def load_filters(path: Path | str | None) -> dict | None:
     if unknown:
         raise UsageError(f"filter file {path}: unknown queries {sorted(unknown)}; "
                          f"known: {sorted(DEFAULT_QUERIES)}")
+    for query, entities in filters.items():
+        _check_filter_entities(path, query, entities)
     return filters
+
+
+def _check_filter_entities(path: Path, query: str, entities: dict) -> None:
+    """Refuse entity names pybids would reject with a traceback (a typo such as 'acqusition')."""
+    if "subject" in entities:
+        # collect_anatomicals queries one subject at a time: a second 'subject' cannot be merged
+        raise UsageError(f"filter file {path}: \"subject\" in \"{query}\" is not allowed; "
+                         "select participants with --participant-label")
+    valid = _filter_entities()
+    unknown = sorted(set(entities) - set(valid))
+    if unknown:
+        noun = "entity" if len(unknown) == 1 else "entities"
+        raise UsageError(f"filter file {path}: unknown {noun} {', '.join(map(repr, unknown))} in "
+                         f"\"{query}\"; valid: {', '.join(valid)}")
+
+
+def _filter_entities() -> list[str]:
+    """Entity names a filter may use: pybids' BIDS entities (datatype, suffix, extension too)."""
+    from bids.layout import Config as BIDSConfig
+
+    return sorted(set(BIDSConfig.load("bids").entities) - {"subject"})
 
 
 def _to_pybids(query: dict) -> dict:
@@ -193,6 +216,10 @@ def collect_anatomicals(layout, participant_labels=None, session_labels=None,
         raise MissingInputError(f"no subjects (sub-* folders) found in {layout.root}")
 
     queries = build_queries(filters)
+    if session_labels and any("session" in q for q in (filters or {}).values()):
+        # pybids cannot take 'session' twice, and which of the two should win is unclear
+        raise UsageError("sessions are given both by --session-label and in the filter file; "
+                         "use one of them")
     session_query = {"session": session_labels} if session_labels else {}
     anatomicals, skipped = [], []
     for subject in subjects:
