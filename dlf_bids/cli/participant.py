@@ -10,8 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..config import Config
-from ..errors import (EXIT_OK, EXIT_PROCESSING_FAILED, BadDataError, ResourceError,
-                      UsageError)
+from ..errors import BadDataError, ResourceError, UsageError
 
 LOG = logging.getLogger("dlf_bids")
 
@@ -69,7 +68,7 @@ def select_inputs(config: Config):
         except BadDataError as err:
             skipped.append((anat.subject, str(err)))
             continue
-        usable.append(anat)
+        usable.append(replace(anat, warnings=tuple(notes)))
         warnings += notes
     for warning in warnings:
         print(f"dlf-bids: warning: {warning}", file=sys.stderr)
@@ -151,7 +150,7 @@ def expected_outputs(config: Config, anat) -> dict[str, Path]:
             for m in config.fusion}
 
 
-def check_dlf_model(config: Config, library) -> None:
+def check_dlf_model(config: Config, library):
     """Refuse a model that cannot segment with this library before any work is done."""
     from ..models.model_file import check_model_fits, load_model
 
@@ -162,6 +161,7 @@ def check_dlf_model(config: Config, library) -> None:
          f"{', ModAug' if info.modaug else ''}; sha256 {info.sha256[:12]})")
     for warning in getattr(plan, "warnings", []):
         print(f"dlf-bids: warning: {warning}", file=sys.stderr)
+    return info
 
 
 def run_participant_level(config: Config, validate_input) -> int:
@@ -174,8 +174,7 @@ def run_participant_level(config: Config, validate_input) -> int:
         raise UsageError("--atlas-dir is required at the participant level")
     validate_input(config)
     library = load_atlas_library(config.atlas_dir)
-    if "dlf" in config.fusion:
-        check_dlf_model(config, library)
+    model_info = check_dlf_model(config, library) if "dlf" in config.fusion else None
     anatomicals, skipped = select_inputs(config)
     check_memory(config, anatomicals, library)
     _say(f"{len(anatomicals)} T1w image(s) to segment with {len(library.atlases)} atlases "
@@ -195,6 +194,7 @@ def run_participant_level(config: Config, validate_input) -> int:
     log_dir = _configure_nipype(config)
 
     from ..execution import plugin_settings
+    from .summary import summarise
     from ..workflows.base import init_dlf_bids_wf  # imports niworkflows: seconds, so only now
 
     workflow = init_dlf_bids_wf(config, anatomicals, library)
@@ -208,22 +208,4 @@ def run_participant_level(config: Config, validate_input) -> int:
         workflow.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as err:
         LOG.debug("workflow error: %s", err)
-    return summarise(config, anatomicals, skipped, started, log_dir)
-
-
-def summarise(config: Config, anatomicals, skipped, started: float, log_dir: Path) -> int:
-    failed = []
-    for anat in anatomicals:
-        outs = expected_outputs(config, anat)
-        missing = [m for m, p in outs.items() if not p.is_file() or p.stat().st_mtime < started - 2]
-        label = anat.t1w.name.replace("_T1w.nii.gz", "").replace("_T1w.nii", "")
-        if missing:
-            failed.append(anat)
-            _say(f"FAILED  {label}: no {', '.join(missing)} output (crash reports in {log_dir})")
-        else:
-            _say(f"ok      {label}: {', '.join(p.name for p in outs.values())}")
-    for subject, reason in skipped:
-        _say(f"skipped sub-{subject}: {reason}")
-    _say(f"{len(anatomicals) - len(failed)} of {len(anatomicals)} T1w image(s) segmented in "
-         f"{time.time() - started:.0f} s; outputs in {config.output_dir}")
-    return EXIT_PROCESSING_FAILED if failed else EXIT_OK
+    return summarise(config, anatomicals, skipped, started, log_dir, library, model_info)

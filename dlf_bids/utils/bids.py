@@ -31,6 +31,12 @@ class AnatomicalInput:
     t1w: Path
     entities: dict = field(hash=False, compare=False)
     t2w: Path | None = None
+    warnings: tuple[str, ...] = field(default=(), compare=False)  # from the input checks
+
+    @property
+    def prefix(self) -> str:
+        """The BIDS name of the image without its suffix, e.g. ``sub-01_ses-pre_run-1``."""
+        return re.sub(r"_T1w\.nii(\.gz)?$", "", self.t1w.name)
 
     @property
     def session(self) -> str | None:
