@@ -138,3 +138,18 @@ def test_fusion_dlf_without_model_is_a_usage_error(trained, tmp_path, capsys):
                           str(data.atlas_dir), "--dlf-model", str(tmp_path / "missing.pt"),
                           "--skip-bids-validation", "-w", str(tmp_path / "w")])
     assert code == 66
+
+
+def test_dlf_run_repeats_byte_for_byte(dlf_run, trained, tmp_path):
+    """Same inputs, model and seed, a fresh work dir (registrations redone): identical files."""
+    data = trained["data"]
+    out = tmp_path / "again"
+    code = dlf_bids_main([str(data.bids_dir), str(out), "participant", "--atlas-dir",
+                          str(data.atlas_dir), "--dlf-model", str(trained["model"]),
+                          "--registration-preset", "fast", "-w", str(tmp_path / "work"),
+                          "--nprocs", "2", "--skip-bids-validation"])
+    assert code == 0
+    first = sorted(p.relative_to(dlf_run["out"]) for p in dlf_run["out"].glob("sub-*/anat/*"))
+    assert first == sorted(p.relative_to(out) for p in out.glob("sub-*/anat/*"))
+    for rel in first:
+        assert (out / rel).read_bytes() == (dlf_run["out"] / rel).read_bytes(), rel
