@@ -17,23 +17,9 @@ from dlf_bids.cli.run import main
 from dlf_bids.config import Config
 from dlf_bids.errors import (EXIT_BAD_DATA, EXIT_BIDS_VALIDATION, EXIT_MISSING_INPUT, EXIT_NO_FILES,
                              EXIT_UNKNOWN_LEVEL, EXIT_USAGE, BadDataError)
+from conftest import listing, the_error_line  # shared with test_security
 
 VALIDATOR = "bids-validator-deno"
-
-
-def listing(root: Path) -> list[tuple[str, int]]:
-    """Every path under ``root`` with its size (directories as -1)."""
-    return sorted((p.relative_to(root).as_posix(), p.stat().st_size if p.is_file() else -1)
-                  for p in root.rglob("*"))
-
-
-def the_error_line(err: str) -> str:
-    """The single ``dlf-bids: error:`` line of stderr (and no traceback anywhere)."""
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1, err
-    assert errors[0].startswith("dlf-bids: error: "), err
-    return errors[0]
 
 
 @pytest.fixture
