@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import MissingInputError
 from .utils.derivatives import lut_path
+from .utils.files import write_text_atomic
 from .utils.images import voxel_volume_mm3
 from .utils.labels import LabelTable, read_label_table
 
@@ -52,9 +53,7 @@ def group_volumes(output_dir: Path | str, method: str) -> Path:
                     + [f"{sum(vols.values()):.1f}"])
     header = [col for _, col in ENTITY_COLUMNS] + [lab.name for lab in labels.labels] + ["total_labelled"]
     tsv = output_dir / f"group_seg-{method}_volumes.tsv"
-    tmp = tsv.with_suffix(".tsv.part")
-    tmp.write_text("\n".join("\t".join(r) for r in [header] + rows) + "\n")
-    tmp.replace(tsv)
+    write_text_atomic(tsv, "\n".join("\t".join(r) for r in [header] + rows) + "\n")
 
     dictionary = {col: {"Description": f"BIDS {col.split('_')[0]} entity of the segmented T1w"}
                   for _, col in ENTITY_COLUMNS}
@@ -62,5 +61,5 @@ def group_volumes(output_dir: Path | str, method: str) -> Path:
         dictionary[lab.name] = {"Description": f"volume of label {lab.index} ({lab.name}) in seg-{method}",
                                 "Units": "mm^3"}
     dictionary["total_labelled"] = {"Description": "sum of all label volumes", "Units": "mm^3"}
-    tsv.with_suffix(".json").write_text(json.dumps(dictionary, indent=2) + "\n")
+    write_text_atomic(tsv.with_suffix(".json"), json.dumps(dictionary, indent=2) + "\n")
     return tsv

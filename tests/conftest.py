@@ -67,6 +67,21 @@ def write_skeleton(root: Path, spec, description: dict | None | bool = None) -> 
     return root
 
 
+def listing(root: Path) -> list[tuple[str, int]]:
+    """Every path under ``root`` with its size (directories as -1)."""
+    return sorted((p.relative_to(root).as_posix(), p.stat().st_size if p.is_file() else -1)
+                  for p in root.rglob("*"))
+
+
+def the_error_line(err: str) -> str:
+    """The single ``dlf-bids: error:`` line of stderr (and no traceback anywhere)."""
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, err
+    assert errors[0].startswith("dlf-bids: error: "), err
+    return errors[0]
+
+
 def blob_phantom(seed: int, shape=(24, 24, 24), jitter: int = 1, radius_jitter: float = 0.5):
     """A synthetic 'head' (label 0) with two blobs (labels 2 and 41), T1w + T2w contrast.
 
@@ -92,21 +107,6 @@ def blob_phantom(seed: int, shape=(24, 24, 24), jitter: int = 1, radius_jitter: 
     img = np.stack([t1, t2]).astype(np.float32)
     img += head * rng.normal(0, 3, img.shape).astype(np.float32)
     return img, lab
-
-
-def listing(root: Path) -> list[tuple[str, int]]:
-    """Every path under ``root`` with its size (directories as -1)."""
-    return sorted((p.relative_to(root).as_posix(), p.stat().st_size if p.is_file() else -1)
-                  for p in root.rglob("*"))
-
-
-def the_error_line(err: str) -> str:
-    """The single ``dlf-bids: error:`` line of stderr (and no traceback anywhere)."""
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1, err
-    assert errors[0].startswith("dlf-bids: error: "), err
-    return errors[0]
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,7 @@ from dlf_bids.cli.run import main
 from dlf_bids.config import Config
 from dlf_bids.errors import (EXIT_BAD_DATA, EXIT_BIDS_VALIDATION, EXIT_MISSING_INPUT, EXIT_NO_FILES,
                              EXIT_UNKNOWN_LEVEL, EXIT_USAGE, BadDataError)
-
-from conftest import listing, the_error_line  # shared with test_bad_inputs
+from conftest import listing, the_error_line  # shared with test_bad_inputs, test_security
 
 VALIDATOR = "bids-validator-deno"
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dlf_bids import __version__
+from dlf_bids.cli.environment import OFFLINE
 from dlf_bids.utils.derivatives import write_dataset_description
 
 spython_parsers = pytest.importorskip("spython.main.parse.parsers")
@@ -68,14 +69,43 @@ def test_same_torch_version_everywhere():
 
 def test_same_environment_and_entry_point():
     docker, sif_cuda, sif_cpu = _parse("docker"), _parse("singularity-cuda"), _parse("singularity-cpu")
-    want = {"OMP_NUM_THREADS": "1", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1",
-            "TEMPLATEFLOW_AUTOUPDATE": "0", "DLF_BIDS_CONTAINER_TAG": f"dlf-bids:{__version__}"}
+    # OFFLINE: the settings dlf-bids' own entry points apply, also set for anything else run in
+    # the image; TemplateFlow reads its skeleton from the image instead of unpacking it under HOME
+    want = {"OMP_NUM_THREADS": "1", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1", **OFFLINE,
+            "TEMPLATEFLOW_HOME": "/opt/templateflow",
+            "DLF_BIDS_CONTAINER_TAG": f"dlf-bids:{__version__}"}
     for recipe, kind in ((docker, "docker"), (sif_cuda, "singularity"), (sif_cpu, "singularity")):
         env = _environ(recipe)
         assert {k: env.get(k) for k in want} == want, recipe.source
         assert env["DLF_BIDS_CONTAINER"] == kind
     assert docker.entrypoint == ["dlf-bids"]
     assert sif_cuda.cmd == sif_cpu.cmd == 'exec dlf-bids "$@"'
+
+
+def test_templateflow_skeleton_is_unpacked_at_build_time():
+    """With TEMPLATEFLOW_HOME in the read-only image, templateflow must find it populated: an
+    empty one makes the import of niworkflows try to write there."""
+    for name in RECIPES:
+        install = "\n".join(_parse(name).install)
+        assert 'python -c "import templateflow"' in install, name
+        assert install.index("--no-deps /opt/dlf-bids") < install.index("import templateflow"), name
+    sif = RECIPES["singularity-cpu"].read_text(), RECIPES["singularity-cuda"].read_text()
+    for text in sif:  # %post does not see %environment: the build names the folder itself
+        assert 'TEMPLATEFLOW_HOME=/opt/templateflow python -c "import templateflow"' in text
+
+
+def test_docker_image_runs_as_an_unprivileged_user():
+    install = _parse("docker").install
+    users = [item.split()[1] for item in install if item.strip().startswith("USER ")]
+    assert users, "no USER instruction: the container would run as root"
+    final = users[-1]
+    assert final not in ("root", "0") and not final.startswith("0:"), final
+    created = re.search(r"useradd (?:--\S+ )*--uid (\d+) .*\b" + re.escape(final) + r"$",
+                        "\n".join(install), re.MULTILINE)
+    assert created and int(created.group(1)) >= 1000, "the USER must be created with a non-system uid"
+    # no build step runs after the switch: everything root must do happens before it
+    text = RECIPES["docker"].read_text()
+    assert not re.search(r"^(RUN|COPY|ADD)\b", text[text.rindex("\nUSER "):], re.MULTILINE)
 
 
 def test_every_recipe_installs_the_pins_then_the_package_without_deps():

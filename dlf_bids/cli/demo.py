@@ -17,6 +17,8 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
+from .environment import prepare_environment
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -69,6 +71,7 @@ def train_demo_model(atlas_dir: Path, out: Path, args) -> int:
 
 
 def main(argv=None) -> int:
+    prepare_environment()  # before the imports below can pull in matplotlib or nipype
     from ..utils.demo_data import make_demo_data
     from .run import main as dlf_bids_main
 

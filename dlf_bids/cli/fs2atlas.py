@@ -17,6 +17,7 @@ from ..utils.freesurfer import (
     convert_freesurfer_subject,
     find_freesurfer_files,
 )
+from .environment import prepare_environment
 
 PROG = "dlf-bids-fs2atlas"
 
@@ -131,6 +132,7 @@ def _describe(atlas) -> str:
 
 def main(argv=None) -> int:
     """Run the command; return the exit code (0, or that of the :class:`DlfBidsError`)."""
+    prepare_environment()
     try:
         args = build_parser().parse_args(argv)
         jobs = _plan(args)

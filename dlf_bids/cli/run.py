@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 from ..config import Config
-from ..errors import (BIDSValidationError, DlfBidsError, UsageError)
+from ..errors import BIDSValidationError, DlfBidsError, UsageError
+from ..utils.files import check_writable_dir
+from .environment import prepare_environment
 from .parser import build_parser, default_nprocs
 
 LOG = logging.getLogger("dlf_bids")
@@ -64,6 +66,10 @@ def config_from_args(args) -> Config:
     mem_gb = args.mem_gb or (plugin_args or {}).get("memory_gb")
     if atlas_dir and _inside(output_dir, atlas_dir):
         raise UsageError(f"output_dir {output_dir} is inside the atlas library")
+    # before any work: a read-only mount would otherwise surface as a crash hours into the run
+    check_writable_dir(output_dir, "output_dir")
+    if args.analysis_level == "participant":  # the group level uses no work dir
+        check_writable_dir(work_dir, "work dir")
     return Config(
         bids_dir=bids_dir, output_dir=output_dir, analysis_level=args.analysis_level,
         work_dir=work_dir, atlas_dir=atlas_dir,
@@ -107,6 +113,7 @@ def _setup_logging(verbose: int) -> None:
 
 
 def main(argv=None) -> int:
+    prepare_environment()
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     started = time.time()

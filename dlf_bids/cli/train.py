@@ -16,7 +16,7 @@ import nibabel as nb
 import numpy as np
 
 from ..errors import DlfBidsError, UsageError
-from ..models.training import TrainSettings
+from .environment import prepare_environment
 
 NETWORKS = {  # widths of the weighted-voting (3 levels) and fine-tuning (4 levels) subnets
     "tiny": ((8, 16, 32), (8, 16, 32, 64)),
@@ -26,6 +26,9 @@ NETWORKS = {  # widths of the weighted-voting (3 levels) and fine-tuning (4 leve
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # imports torch and monai, so not at module level: main prepares the environment first
+    from ..models.training import TrainSettings
+
     p = argparse.ArgumentParser(
         prog="dlf-bids-train", description=__doc__.splitlines()[0],
         epilog="example: dlf-bids-train my-atlases dlf.pt -w work --epochs 20 --network paper")
@@ -151,6 +154,7 @@ def train(args) -> Path:
 
 
 def main(argv=None) -> int:
+    prepare_environment()  # before build_parser imports torch and monai (and so matplotlib)
     from .run import _setup_logging
 
     args = build_parser().parse_args(argv)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import os
-import tempfile
+import pickle
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,7 @@ import torch
 
 from .. import __version__
 from ..errors import BadDataError, UsageError
+from ..utils.files import atomic_open
 from ..utils.labels import Label, LabelTable
 from .dlf import DeepLabelFusion, DLFConfig, check_patch_size
 
@@ -180,17 +181,8 @@ def save_model(path, model: DeepLabelFusion, meta: Mapping) -> Path:
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, binary=True) as fh:
+        torch.save(payload, fh)
     return path
 
 
@@ -254,26 +246,50 @@ def read_model_info(payload: Mapping, path=None) -> ModelInfo:
     )
 
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _refusal(path: Path, exc: pickle.UnpicklingError) -> BadDataError:
+    """One line for torch's multi-line weights_only refusal, whose advice to load the file without
+    weights_only (that is, to run its code) must not reach our users."""
+    text = str(exc)
+    found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", text)
+    if found:  # the pickle names a function or class to import and call: crafted or foreign code
+        return BadDataError(f"model file {path} is refused: it would run or import Python code "
+                            f"({found.group(1)}) when loaded (dlf-bids model files are data: "
+                            "tensors and plain values only)")
+    # other opcodes torch does not allow (random bytes, newer pickle protocols)
+    detail = text.partition("WeightsUnpickler error:")[2].strip().split("\n")[0].strip()
+    return BadDataError(f"model file {path} cannot be read as a dlf-bids model: not tensors and "
+                        f"plain values only ({detail or 'unsupported pickle content'})")
+
+
 def load_model(path, device="cpu") -> tuple[DeepLabelFusion, ModelInfo]:
     """Load a model file: ``(DeepLabelFusion in eval mode on device, ModelInfo)``.
 
     Refusals are one-line :class:`UsageError` (no such file) / :class:`BadDataError` (not a model,
-    newer format, weights not matching the configuration)."""
+    content other than plain data, newer format, weights not matching the configuration)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"model file {path} does not exist")
     try:
+        # weights_only: a model file is data; a pickle that would import or call anything (the
+        # way a crafted file runs code on load) is refused before any of it executes
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle / zip errors, unsafe content
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadDataError(f"model file {path} cannot be read as a dlf-bids model: {first}") from None
+    except Exception as exc:
+        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
+            raise _refusal(path, exc) from None
+        raise BadDataError(f"model file {path} cannot be read as a dlf-bids model: "
+                           f"{_first_line(exc)}") from None
     info = read_model_info(payload, path)
     model = DeepLabelFusion(info.dlf_config)
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except (RuntimeError, TypeError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise BadDataError(f"model file {path}: weights do not match its configuration ({first})") from None
+        raise BadDataError(f"model file {path}: weights do not match its configuration "
+                           f"({_first_line(exc)})") from None
     if device is not None:
         model = model.to(device)
     model.eval()

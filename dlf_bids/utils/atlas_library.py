@@ -20,6 +20,7 @@ import nibabel as nb
 import numpy as np
 
 from ..errors import BadDataError, MissingInputError
+from .files import write_text_atomic
 from .labels import LabelTable, read_label_table, write_label_table
 
 MIN_ATLASES = 2
@@ -126,7 +127,7 @@ def write_library_description(root: Path | str, name: str, labels: LabelTable,
     }
     if source:
         desc["SourceDatasets"] = [{"URL": source}]
-    (root / "dataset_description.json").write_text(json.dumps(desc, indent=2) + "\n")
+    write_text_atomic(root / "dataset_description.json", json.dumps(desc, indent=2) + "\n")
     write_label_table(labels, root / "dseg.tsv")
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .atlas_library import write_atlas, write_library_description
+from .files import write_text_atomic
 from .labels import Label, LabelTable
 
 # Label indices of the reference label map (hemisphere split at world x = 0; x < 0 is left).
@@ -323,7 +324,7 @@ def _reorient(img: nb.Nifti1Image, axcodes) -> nb.Nifti1Image:
 
 
 def _write_json(path: Path, content) -> None:
-    path.write_text(json.dumps(content, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(content, indent=2) + "\n")
 
 
 def _write_bids_root(bids_dir: Path, n_subjects: int) -> None:
@@ -341,9 +342,9 @@ def _write_bids_root(bids_dir: Path, n_subjects: int) -> None:
                          "Description": "dlf_bids.utils.demo_data.make_demo_data"}],
         "ReferencesAndLinks": ["Fonov et al., NeuroImage 54(1):313-327, 2011"],
     })
-    (bids_dir / "README").write_text(_README)
+    write_text_atomic(bids_dir / "README", _README)
     rows = ["participant_id"] + [f"sub-{i + 1:02d}" for i in range(n_subjects)]
-    (bids_dir / "participants.tsv").write_text("\n".join(rows) + "\n")
+    write_text_atomic(bids_dir / "participants.tsv", "\n".join(rows) + "\n")
     _write_json(bids_dir / "participants.json", {
         "participant_id": {"Description": "Synthetic subject: a random warp of the MNI template"},
     })

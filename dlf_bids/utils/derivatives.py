@@ -1,4 +1,8 @@
-"""Dataset-level files of the output folder: description, .bidsignore, look-up tables."""
+"""Dataset-level files of the output folder: description, .bidsignore, look-up tables.
+
+All written with :func:`~dlf_bids.utils.files.write_text_atomic`: complete or not there, and
+never through a symbolic link planted at their name.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import os
 from pathlib import Path
 
 from .. import __version__
+from .files import write_text_atomic
 from .labels import LabelTable, write_label_table
 
 CODE_URL = "https://github.com/dlf-bids/dlf-bids"
@@ -36,7 +41,7 @@ def write_dataset_description(output_dir: Path, bids_dir: Path, atlas_dir: Path 
     }
     path = Path(output_dir) / "dataset_description.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(desc, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(desc, indent=2) + "\n")
     return path
 
 
@@ -52,16 +57,17 @@ look-up table. Group tables (`group_seg-<method>_volumes.tsv`) list label volume
 
 def write_readme(output_dir: Path) -> Path:
     path = Path(output_dir) / "README.md"
-    path.write_text(README.format(version=__version__))
+    write_text_atomic(path, README.format(version=__version__))
     return path
 
 
 def write_bidsignore(output_dir: Path) -> Path:
     """Keep the lines already there (a user's), add ours."""
     path = Path(output_dir) / ".bidsignore"
-    lines = path.read_text().splitlines() if path.exists() else []
+    # not through a link: a run as root would copy any file it points to into the output
+    lines = path.read_text().splitlines() if path.is_file() and not path.is_symlink() else []
     lines += [line for line in BIDSIGNORE if line not in lines]
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -1,8 +1,9 @@
 """Writing files safely: atomic replacement, never through a planted link; probing a folder.
 
-Everything dlf-bids writes into an output folder goes through :func:`atomic_open` (text files via
-:func:`write_text_atomic`): the content goes to a new file beside the target, then
-``os.replace`` renames it over the target. A reader never sees half a file, and a symbolic link
+Every text file dlf-bids writes into an output folder goes through :func:`write_text_atomic`
+(model files through :func:`atomic_open`; images are staged and renamed the same way by
+:class:`dlf_bids.interfaces.bids.DerivativesDataSink`): the content goes to a new file beside the
+target, then ``os.replace`` renames it over the target. A reader never sees half a file, and a symbolic link
 already at the target's name is replaced by the new file, not followed: ``open(path, "w")``
 would write into whatever the link points to, even outside the output folder.
 """

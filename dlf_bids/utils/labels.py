@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BadDataError
+from .files import write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -83,5 +84,5 @@ def write_label_table(table: LabelTable, path: Path | str) -> Path:
         abbr = lab.abbreviation or lab.name
         color = lab.color or _default_color(i, n)
         lines.append(f"{lab.index}\t{lab.name}\t{abbr}\t{color}")
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")  # the root LUTs of an output folder
     return path
