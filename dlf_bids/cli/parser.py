@@ -17,7 +17,8 @@ examples:
 
 exit codes: 0 success, 1 a participant failed, 2 bad arguments (argparse), 16 BIDS validation
 failed, 17 unknown analysis level, 18 the filters selected no files, 64 usage error, 65 bad input
-data, 66 missing input.
+data, 66 missing input, 69 not enough memory (--mem-gb), 73 output or work dir not writable,
+130 interrupted.
 """
 
 
