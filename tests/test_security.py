@@ -309,6 +309,20 @@ def test_probe_leaves_no_trace(tmp_path):
         check_writable_dir(tmp_path / "exists" / "file", "work dir")
 
 
+def test_probe_tolerates_a_concurrent_run_making_the_folder(tmp_path, monkeypatch):
+    """Array jobs start together: another run may create the output dir between our look and our
+    mkdir. That is no error, and the folder, not being ours, stays."""
+    real_mkdir = Path.mkdir
+
+    def someone_else_was_first(self, *args, **kwargs):
+        os.mkdir(self)  # the other run
+        return real_mkdir(self, *args, **kwargs)  # now raises FileExistsError
+
+    monkeypatch.setattr(Path, "mkdir", someone_else_was_first)
+    check_writable_dir(tmp_path / "out", "output_dir")
+    assert (tmp_path / "out").is_dir() and list((tmp_path / "out").iterdir()) == []
+
+
 # --- no network, no writable home ---------------------------------------------------------------
 
 def _fresh_environment(monkeypatch, home: str) -> None:

@@ -61,7 +61,12 @@ def probe_writable_dir(path) -> None:
                 break
             missing.append(folder)
         for folder in reversed(missing):
-            folder.mkdir()
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                if not folder.is_dir():
+                    raise
+                continue  # made meanwhile by a concurrent run (array jobs): not ours to remove
             created.append(folder)
         probe = path / f".dlf-bids-probe-{uuid.uuid4().hex}"
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
