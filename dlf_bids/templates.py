@@ -133,27 +133,39 @@ def _resolve(client, home: Path, space: OutputSpace) -> OutputSpace:
 
 def _pick_t1w(client, folder: Path, space: OutputSpace) -> Path:
     """The template's T1w at the asked resolution (none asked: resolution 1, or the only one)."""
-    found = client.ls(space.template, suffix="T1w", desc=None, extension=".nii.gz")
+    by_res = _t1w_by_resolution(client, space.template)
+    if not by_res:
+        raise MissingInputError(f"{folder} has no T1w image (tpl-{space.template}_*T1w.nii.gz); "
+                                f"{OFFLINE_HINT}")
+    wanted = space.resolution if space.resolution is not None else _default_resolution(
+        space.template, by_res)
+    if wanted not in by_res:
+        raise MissingInputError(f"{folder} has no res-{wanted} T1w (available: "
+                                f"{_listed(by_res)}); {OFFLINE_HINT}")
+    return by_res[wanted]
+
+
+def _t1w_by_resolution(client, template: str) -> dict[int | None, Path]:
+    found = client.ls(template, suffix="T1w", desc=None, extension=".nii.gz")
     if any("cohort-" in f.name for f in found):
-        raise UsageError(f"template {space.template} has cohorts, which --output-spaces does "
-                         "not support yet")
-    by_res = {_file_resolution(f): f for f in found}
-    available = ", ".join(f"res-{r}" if r is not None else "one resolution"
-                          for r in sorted(by_res, key=lambda r: (r is None, r or 0)))
-    if space.resolution is None:
-        chosen = by_res.get(1) or (next(iter(by_res.values())) if len(by_res) == 1 else None)
-        if chosen is None and not by_res:
-            raise MissingInputError(f"{folder} has no T1w image (tpl-{space.template}_*T1w.nii.gz); "
-                                    f"{OFFLINE_HINT}")
-        if chosen is None:
-            raise UsageError(f"template {space.template} has several resolutions ({available}): "
-                             f"choose one, e.g. {space.template}:res-{min(r for r in by_res if r)}")
-        return chosen
-    if space.resolution not in by_res:
-        raise MissingInputError(f"{folder} has no res-{space.resolution} T1w "
-                                f"(tpl-{space.template}_res-{space.resolution:02d}_T1w.nii.gz; "
-                                f"available: {available or 'none'}); {OFFLINE_HINT}")
-    return by_res[space.resolution]
+        raise UsageError(f"template {template} has cohorts, which --output-spaces does not "
+                         "support yet")
+    return {_file_resolution(f): f for f in found}
+
+
+def _default_resolution(template: str, by_res: dict) -> int | None:
+    """Resolution 1 (TemplateFlow's 1 mm for the MNI templates), or the template's only one."""
+    if 1 in by_res:
+        return 1
+    if len(by_res) == 1:
+        return next(iter(by_res))
+    raise UsageError(f"template {template} has several resolutions ({_listed(by_res)}): choose "
+                     f"one, e.g. {template}:res-{min(r for r in by_res if r is not None)}")
+
+
+def _listed(by_res: dict) -> str:
+    return ", ".join("no res entity" if r is None else f"res-{r}"
+                     for r in sorted(by_res, key=lambda r: (r is not None, r or 0)))
 
 
 def _file_resolution(path: Path) -> int | None:

@@ -23,7 +23,7 @@ import pytest
 from nibabel.processing import resample_from_to, resample_to_output
 
 from dlf_bids.cli.run import main as dlf_bids_main
-from dlf_bids.errors import BadDataError, MissingInputError
+from dlf_bids.errors import BadDataError, MissingInputError, UsageError
 from dlf_bids.evaluation import mean_dice
 from dlf_bids.templates import (OutputSpace, parse_output_space, parse_output_spaces,
                                 registration_targets, resolve_output_spaces)
@@ -169,6 +169,18 @@ def test_resolve_finds_files_and_writes_nothing(tf_home):
     assert listing(tf_home) == before  # no TemplateFlow skeleton unpacked, nothing fetched
 
 
+def test_no_resolution_asked(own_home):
+    """Without :res-N: resolution 1, else the template's only one, else the user must choose."""
+    folder = own_home / f"tpl-{TEMPLATE}"
+    (folder / f"tpl-{TEMPLATE}_res-1_T1w.nii.gz").unlink()
+    (space,) = resolve_output_spaces([OutputSpace(TEMPLATE)], own_home)
+    assert space.t1w.name == f"tpl-{TEMPLATE}_res-2_T1w.nii.gz"
+    shutil.copyfile(space.t1w, folder / f"tpl-{TEMPLATE}_res-3_T1w.nii.gz")
+    with pytest.raises(UsageError, match=r"several resolutions \(res-2, res-3\): choose one, "
+                                         f"e.g. {TEMPLATE}:res-2"):
+        resolve_output_spaces([OutputSpace(TEMPLATE)], own_home)
+
+
 def test_mask_placeholder_is_not_used(own_home):
     """A zero-byte mask is a TemplateFlow placeholder never downloaded: registration goes on
     without it (the mask is optional), and nothing tries to fetch it."""
@@ -305,6 +317,19 @@ def test_graph_registers_once_per_template(demo_data, tf_home, tmp_path):
     assert len(outputs) == 2 + 4 + 2  # native jlf, mv; 2 methods x 2 grids; 2 transforms
 
 
+def test_config_needs_resolved_spaces(tmp_path, tf_home):
+    from dlf_bids.config import Config
+
+    common = dict(bids_dir=tmp_path, output_dir=tmp_path / "o", analysis_level="participant",
+                  work_dir=tmp_path / "w")
+    with pytest.raises(ValueError, match="resolved"):
+        Config(**common, output_spaces=(OutputSpace(TEMPLATE, 2),), templateflow_home=tf_home)
+    resolved = resolve_output_spaces([OutputSpace(TEMPLATE, 2)], tf_home)
+    with pytest.raises(ValueError, match="templateflow_home"):
+        Config(**common, output_spaces=resolved)
+    assert Config(**common, output_spaces=resolved, templateflow_home=tf_home).output_spaces == resolved
+
+
 def test_memory_plan_counts_the_template(demo_data, tf_home):
     from dlf_bids.resources import plan_memory
 
@@ -388,6 +413,8 @@ def test_group_level_reads_native_segmentations_only(space_run, demo_data, tmp_p
     anat = out / "sub-01" / "anat"
     shutil.copyfile(anat / f"sub-01_space-{TEMPLATE}_seg-mv_res-2_dseg.nii.gz",
                     anat / f"sub-01_space-{TEMPLATE}_seg-mv_dseg.nii.gz")
-    assert dlf_bids_main([str(demo_data.bids_dir), str(out), "group"]) == 0
+    # --output-spaces means nothing to the group level: not even looked up there
+    assert dlf_bids_main([str(demo_data.bids_dir), str(out), "group",
+                          "--output-spaces", "NotATemplate"]) == 0
     rows = (out / "group_seg-mv_volumes.tsv").read_text().splitlines()[1:]
     assert [r.split("\t")[0] for r in rows] == ["sub-01"]
