@@ -25,8 +25,9 @@ NATIVE_SPACES = ("T1w", "anat")  # always written; accepted so fMRIPrep command 
 _NAME = re.compile(r"[A-Za-z0-9]+")  # a BIDS label: what a space- entity may hold
 _RES = re.compile(r"res(?:olution)?-(\d+)")
 _FILE_RES = re.compile(r"_res-0*(\d+)_")
-OFFLINE_HINT = ("TEMPLATEFLOW_HOME must hold it: dlf-bids never downloads (fetch it with "
-                "templateflow where there is network, then copy it there)")
+NEVER_DOWNLOADS = ("dlf-bids never downloads (fetch it with templateflow where there is "
+                   "network, then copy it there)")
+OFFLINE_HINT = f"TEMPLATEFLOW_HOME must hold it: {NEVER_DOWNLOADS}"
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,8 @@ def _offline_client(home: Path):
     # An empty or missing home would make templateflow unpack its skeleton of zero-byte
     # placeholders into it (and a later get() would try to download them): refuse first.
     if not home.is_dir() or not any(home.iterdir()):
-        raise MissingInputError(f"TEMPLATEFLOW_HOME {home} is missing or empty; it must hold the "
-                                f"templates of --output-spaces: {OFFLINE_HINT}")
+        raise MissingInputError(f"TEMPLATEFLOW_HOME {home} is missing or empty, but must hold "
+                                f"the templates of --output-spaces: {NEVER_DOWNLOADS}")
     from templateflow.client import TemplateFlowClient
 
     # our own client: templateflow.api's reads TEMPLATEFLOW_HOME once, when first imported

@@ -217,7 +217,8 @@ def test_empty_home(cli, demo_data, tmp_path, monkeypatch):
     monkeypatch.setenv("TEMPLATEFLOW_HOME", str(empty))
     code, _, err = _participant(cli, demo_data, tmp_path, TEMPLATE)
     assert code == 66
-    assert f"TEMPLATEFLOW_HOME {empty} is missing or empty" in the_error_line(err)
+    line = the_error_line(err)
+    assert f"TEMPLATEFLOW_HOME {empty} is missing or empty" in line and "never downloads" in line
     assert list(empty.iterdir()) == []  # templateflow did not unpack its skeleton there
 
 
