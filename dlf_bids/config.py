@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .fusion import FUSION_METHODS
 from .registration import REGISTRATION_PRESETS
+from .templates import OutputSpace
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class Config:
     dlf_force: bool = False  # feed noise for a missing modality even without ModAug
     atlas_batch: int = 4  # atlases per DLF forward pass (bounds memory)
     dlf_probseg: bool = False  # also write DLF's per-label probabilities (one 4D probseg)
+    # --output-spaces: templates, resolved to files in templateflow_home before any work
+    output_spaces: tuple[OutputSpace, ...] = ()
+    templateflow_home: Path | None = None
     # execution
     nprocs: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     omp_nthreads: int | None = None
@@ -49,6 +53,11 @@ class Config:
             raise ValueError(f"unknown registration preset {self.registration_preset!r}")
         if "dlf" in self.fusion and self.dlf_model is None:
             raise ValueError("fusion 'dlf' needs a trained model (dlf_model)")
+        if self.output_spaces and (self.templateflow_home is None
+                                   or any(s.t1w is None for s in self.output_spaces)):
+            # the graph needs the template files: resolve_output_spaces() finds them
+            raise ValueError("output_spaces must be resolved (templates.resolve_output_spaces) "
+                             "and come with their templateflow_home")
 
     @property
     def threads_per_process(self) -> int:

@@ -41,7 +41,10 @@ def group_volumes(output_dir: Path | str, method: str) -> Path:
     if not lut.is_file():
         raise MissingInputError(f"no {lut.name} in {output_dir}: run the participant level first")
     labels = read_label_table(lut)
-    files = sorted(output_dir.glob(f"sub-*/**/anat/sub-*_seg-{method}_dseg.nii.gz"))
+    # native segmentations only: a space- copy (--output-spaces) would count the T1w twice, and
+    # its voxel counts are template volumes, not the subject's
+    files = sorted(f for f in output_dir.glob(f"sub-*/**/anat/sub-*_seg-{method}_dseg.nii.gz")
+                   if "_space-" not in f.name)
     if not files:
         raise MissingInputError(f"no seg-{method} segmentations found in {output_dir}")
 

@@ -79,6 +79,16 @@ def set_itk_threads(n_threads: int | None) -> None:
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(int(n_threads))
 
 
+def _prepare(preset: str, n_threads: int | None, out_dir: Path | str) -> Path:
+    """Check the preset, set ITK's threads and make the output folder: before any registration."""
+    if preset not in REGISTRATION_PRESETS:
+        raise ValueError(f"unknown registration preset {preset!r}; choose from {sorted(REGISTRATION_PRESETS)}")
+    set_itk_threads(n_threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
 def register_atlas(target_t1w: Path | str, atlas_t1w: Path | str, atlas_dseg: Path | str,
                    out_dir: Path | str, preset: str = "quick", seed: int | None = 0,
                    n_threads: int | None = None, atlas_t2w: Path | str | None = None) -> WarpedAtlas:
@@ -93,11 +103,7 @@ def register_atlas(target_t1w: Path | str, atlas_t1w: Path | str, atlas_dseg: Pa
     """
     import ants
 
-    if preset not in REGISTRATION_PRESETS:
-        raise ValueError(f"unknown registration preset {preset!r}; choose from {sorted(REGISTRATION_PRESETS)}")
-    set_itk_threads(n_threads)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _prepare(preset, n_threads, out_dir)
 
     fixed = ants.image_read(str(target_t1w))
     moving = ants.image_read(str(atlas_t1w))
@@ -132,3 +138,64 @@ def register_atlas(target_t1w: Path | str, atlas_t1w: Path | str, atlas_dseg: Pa
         t2w_out = out_dir / "atlas_T2w_warped.nii.gz"
         ants.image_write(warped_t2w, str(t2w_out))
     return WarpedAtlas(t1w_out, dseg_out, tuple(transforms), t2w_out)
+
+
+@dataclass(frozen=True)
+class TemplateTransforms:
+    forward: Path  # T1w -> template, ANTs composite (.h5): what warps T1w-space images
+    inverse: Path  # template -> T1w
+    t1w_in_template: Path  # the subject's T1w on the template grid, to judge the registration
+
+
+def register_to_template(t1w: Path | str, template_t1w: Path | str, out_dir: Path | str,
+                         preset: str = "quick", seed: int | None = 0,
+                         n_threads: int | None = None,
+                         template_mask: Path | str | None = None) -> TemplateTransforms:
+    """Register the subject's T1w (moving) to a template T1w (fixed) and keep both directions.
+
+    The transforms are written as ANTs composite files (``.h5``, affine and warp in one file),
+    the format fMRIPrep writes for ``_xfm.h5``. ``template_mask`` (the template's brain mask)
+    restricts the metric of the last stage to the brain, as antspyx's ``mask`` does.
+    Seeded and single-threaded, the result repeats exactly (as :func:`register_atlas`).
+    """
+    import ants
+
+    out_dir = _prepare(preset, n_threads, out_dir)
+    fixed = ants.image_read(str(template_t1w))
+    moving = ants.image_read(str(t1w))
+    mask = ants.image_read(str(template_mask)) if template_mask else None
+    with _ants_seed(seed):
+        reg = ants.registration(fixed, moving, type_of_transform=REGISTRATION_PRESETS[preset],
+                                mask=mask, outprefix=str(out_dir / "T1w_to_template_"),
+                                write_composite_transform=True)
+    warped = out_dir / "T1w_in_template.nii.gz"
+    ants.image_write(reg["warpedmovout"], str(warped))
+    return TemplateTransforms(Path(reg["fwdtransforms"]), Path(reg["invtransforms"]), warped)
+
+
+def warp_labels(labels: Path | str, reference: Path | str, transform: Path | str,
+                out_file: Path | str) -> Path:
+    """Bring a label map onto ``reference``'s grid through ``transform`` (``genericLabel``).
+
+    The output keeps the labels' data type and takes the reference's header geometry verbatim
+    (affine and qform/sform codes), so it is exactly on the template's grid.
+    """
+    import ants
+    import nibabel as nb
+    import numpy as np
+
+    ref_img = nb.load(str(reference))
+    warped = ants.apply_transforms(ants.image_read(str(reference)), ants.image_read(str(labels)),
+                                   [str(transform)], interpolator="genericLabel")
+    data = warped.numpy()
+    # antspyx arrays follow the file's voxel order, as nibabel's do; a mismatch would be a bug
+    assert data.shape == ref_img.shape[:3], (data.shape, ref_img.shape)
+    dtype = nb.load(str(labels)).get_data_dtype()
+    header = ref_img.header.copy()
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(1.0, 0.0)
+    out = nb.Nifti1Image(np.rint(data).astype(dtype), ref_img.affine, header)
+    out.set_qform(ref_img.affine, int(ref_img.header["qform_code"]))
+    out.set_sform(ref_img.affine, int(ref_img.header["sform_code"]))
+    nb.save(out, str(out_file))
+    return Path(out_file)

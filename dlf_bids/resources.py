@@ -63,22 +63,29 @@ class MemoryPlan:
 
     registration: float
     fusion: dict[str, float]
+    template_registration: float = 0.0  # T1w to the largest --output-spaces template (0: none)
 
     @property
     def largest(self) -> tuple[str, float]:
         needs = {"registration": self.registration, **{f"{m} fusion": gb
                                                         for m, gb in self.fusion.items()}}
+        if self.template_registration:
+            needs["template registration"] = self.template_registration
         name = max(needs, key=needs.get)
         return name, needs[name]
 
 
-def plan_memory(t1w: Path | str, atlas_t1ws, methods, n_labels: int) -> MemoryPlan:
+def plan_memory(t1w: Path | str, atlas_t1ws, methods, n_labels: int,
+                template_t1ws=()) -> MemoryPlan:
+    """``template_t1ws``: the templates the T1w is registered to (``--output-spaces``)."""
     voxels = n_voxels(t1w)
     atlas_voxels = max(n_voxels(a) for a in atlas_t1ws)
     n_atlases = len(atlas_t1ws)
     return MemoryPlan(
         registration=registration_gb(voxels, atlas_voxels),
         fusion={m: fusion_gb(m, voxels, n_atlases, n_labels) for m in methods},
+        template_registration=max((registration_gb(voxels, n_voxels(t)) for t in template_t1ws),
+                                  default=0.0),
     )
 
 

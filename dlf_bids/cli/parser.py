@@ -38,6 +38,17 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _output_space(value: str) -> str:
+    """Check a ``--output-spaces`` word's syntax here (exit 2); templates are found later."""
+    from ..templates import parse_output_space
+
+    try:
+        parse_output_space(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dlf-bids",
@@ -90,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--registration-preset", choices=sorted(REGISTRATION_PRESETS), default="quick",
                      help="ANTs registration: " + ", ".join(f"{k} = {v}" for k, v in
                                                              sorted(REGISTRATION_PRESETS.items())))
+
+    seg.add_argument("--output-spaces", nargs="+", type=_output_space, metavar="SPACE",
+                     help="also write each segmentation in these TemplateFlow templates "
+                          "(fMRIPrep syntax, e.g. MNI152NLin2009cAsym:res-2; no res: resolution "
+                          "1), with the T1w<->template transforms; templates are read from "
+                          "TEMPLATEFLOW_HOME and never downloaded")
 
     perf = parser.add_argument_group("execution")
     perf.add_argument("-w", "--work-dir", type=Path, default=Path("work"),

@@ -83,12 +83,14 @@ def select_inputs(config: Config):
 def check_memory(config: Config, anatomicals, library) -> None:
     """Refuse, before any work, a run whose largest node alone cannot fit the memory it has."""
     from ..resources import machine_memory_gb, plan_memory
+    from ..templates import registration_targets
 
     limit = config.mem_gb or machine_memory_gb()
     given = f"--mem-gb {config.mem_gb:g}" if config.mem_gb else f"this machine's {limit:.1f} GB"
+    templates = [s.t1w for s in registration_targets(config.output_spaces).values()]
     for anat in anatomicals:
         plan = plan_memory(anat.t1w, [a.t1w for a in library.atlases], config.fusion,
-                           len(library.labels.indices))
+                           len(library.labels.indices), templates)
         node, need = plan.largest
         if need > limit:
             raise ResourceError(f"{anat.t1w.name}: {node} needs about {need:.1f} GB, more than "
@@ -143,11 +145,15 @@ def _configure_nipype(config: Config) -> Path:
 
 
 def expected_outputs(config: Config, anat) -> dict[str, Path]:
+    """Every file the graph writes for this T1w: native segmentations by method, then (with
+    --output-spaces) the template-space ones and transforms, so a failure there is reported."""
     from ..interfaces.bids import derivative_path
+    from ..workflows.spaces import expected_space_outputs
 
-    return {m: derivative_path(config.output_dir, {"subject": anat.subject, **anat.entities,
-                                                   "segmentation": m, "suffix": "dseg"})
-            for m in config.fusion}
+    native = {m: derivative_path(config.output_dir, {"subject": anat.subject, **anat.entities,
+                                                     "segmentation": m, "suffix": "dseg"})
+              for m in config.fusion}
+    return {**native, **expected_space_outputs(config, anat)}
 
 
 def check_dlf_model(config: Config, library):
@@ -179,6 +185,8 @@ def run_participant_level(config: Config, validate_input) -> int:
     check_memory(config, anatomicals, library)
     _say(f"{len(anatomicals)} T1w image(s) to segment with {len(library.atlases)} atlases "
          f"({', '.join(config.fusion)}); {config.nprocs} process(es)")
+    for space in config.output_spaces:
+        _say(f"  also in {space}: {space.t1w} (brain mask: {space.mask or 'none'})")
     t2w_used = "dlf" in config.fusion and dlf_uses_t2w(config, library)
     for anat in anatomicals:
         t2 = ""
@@ -187,7 +195,8 @@ def run_participant_level(config: Config, validate_input) -> int:
         _say(f"  sub-{anat.subject}: {anat.t1w.name}{t2}")
 
     config.output_dir.mkdir(parents=True, exist_ok=True)
-    write_dataset_description(config.output_dir, config.bids_dir, config.atlas_dir)
+    write_dataset_description(config.output_dir, config.bids_dir, config.atlas_dir,
+                              config.templateflow_home)
     write_bidsignore(config.output_dir)
     write_readme(config.output_dir)
     write_method_luts(config.output_dir, config.fusion, library.labels)

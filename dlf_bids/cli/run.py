@@ -43,6 +43,18 @@ def _dlf_model(args) -> Path | None:
     return args.dlf_model.absolute()
 
 
+def _output_spaces(args):
+    """``(templateflow home, resolved spaces)``; every template file checked before any work."""
+    from ..templates import parse_output_spaces, resolve_output_spaces, templateflow_home
+
+    spaces = parse_output_spaces(args.output_spaces)
+    # only the participant level uses templates (the group level reads native segmentations)
+    if not spaces or args.analysis_level != "participant":
+        return None, ()
+    home = templateflow_home()
+    return home, resolve_output_spaces(spaces, home)
+
+
 def config_from_args(args) -> Config:
     """Turn parsed arguments into the run's :class:`Config`, refusing unsafe paths."""
     from ..utils.bids import check_bids_dir, load_filters
@@ -70,6 +82,7 @@ def config_from_args(args) -> Config:
     check_writable_dir(output_dir, "output_dir")
     if args.analysis_level == "participant":  # the group level uses no work dir
         check_writable_dir(work_dir, "work dir")
+    templateflow_home, output_spaces = _output_spaces(args)
     return Config(
         bids_dir=bids_dir, output_dir=output_dir, analysis_level=args.analysis_level,
         work_dir=work_dir, atlas_dir=atlas_dir,
@@ -80,6 +93,7 @@ def config_from_args(args) -> Config:
         fusion=_fusion_methods(args), registration_preset=args.registration_preset,
         dlf_model=_dlf_model(args), device=args.device, dlf_force=args.dlf_force_modalities,
         atlas_batch=args.atlas_batch, dlf_probseg=args.dlf_probseg,
+        output_spaces=output_spaces, templateflow_home=templateflow_home,
         nprocs=int(nprocs), omp_nthreads=args.omp_nthreads, mem_gb=mem_gb,
         plugin=plugin, plugin_args=plugin_args,
         seed=args.seed, skip_bids_validation=args.skip_bids_validation,

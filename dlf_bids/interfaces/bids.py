@@ -9,6 +9,7 @@ half-written file under a final name.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -50,16 +51,25 @@ class DerivativesDataSink(_NiworkflowsDataSink):
     _config_entities = frozenset(e["name"] for e in ENTITIES)
     _config_entities_dict = ENTITIES
     _file_patterns = tuple(PATH_PATTERNS)
+    # For a space-/res- output, niworkflows reads template_description.json from the TemplateFlow
+    # home of the moment it was imported (trying DataLad when the file is absent) and overwrites
+    # the sidecar's "Resolution" with it. With no "standard spaces" it never looks there; our own
+    # "Resolution" is put back (see _run_interface).
+    _standard_spaces = frozenset()
 
     def _run_interface(self, runtime):
         final_root = Path(self.inputs.base_directory).absolute()
         staging = final_root / STAGING_DIRNAME / uuid.uuid4().hex
         self.inputs.base_directory = str(staging)
+        resolution = self._given_resolution()
         try:
             runtime = super()._run_interface(runtime)
             staged = [Path(p) for p in self._results["out_file"]]
             meta = self._results.get("out_meta")
             staged_meta = [Path(p) for p in ([meta] if isinstance(meta, str) else meta or [])]
+            if resolution is not None:
+                for sidecar in staged_meta:
+                    _set_json_key(sidecar, "Resolution", resolution)
             finals = []
             # sidecars first: a NIfTI under its final name always has its JSON beside it
             for path in staged_meta + staged:
@@ -75,6 +85,19 @@ class DerivativesDataSink(_NiworkflowsDataSink):
             self.inputs.base_directory = str(final_root)
             shutil.rmtree(staging, ignore_errors=True)
         return runtime
+
+    def _given_resolution(self):
+        """The sidecar's "Resolution" as we passed it (meta_dict or a keyword), if any."""
+        from nipype.interfaces.base import isdefined
+
+        meta = self.inputs.meta_dict if isdefined(self.inputs.meta_dict) else {}
+        return self._metadata.get("Resolution", meta.get("Resolution"))
+
+
+def _set_json_key(path: Path, key: str, value) -> None:
+    content = json.loads(path.read_text())
+    content[key] = value
+    path.write_text(json.dumps(content, sort_keys=True, indent=2))
 
 
 def derivative_path(output_dir: Path | str, entities: dict) -> Path:

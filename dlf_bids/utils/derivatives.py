@@ -16,15 +16,23 @@ from .labels import LabelTable, write_label_table
 
 CODE_URL = "https://github.com/dlf-bids/dlf-bids"
 # BIDS has no suffix for a voxelwise uncertainty map: ours is named *_uncertainty and ignored
+# nor for transforms (BIDS has none yet; fMRIPrep ignores its *_xfm.* the same way)
 BIDSIGNORE = ["logs/", "figures/", "*.html", "group_*", ".dlf-bids-staging/", "*_volumes.tsv",
-              "*_volumes.json", "*_uncertainty.nii.gz", "*_uncertainty.json"]
+              "*_volumes.json", "*_uncertainty.nii.gz", "*_uncertainty.json", "*_xfm.*"]
 
 
-def write_dataset_description(output_dir: Path, bids_dir: Path, atlas_dir: Path | None) -> Path:
-    """Write (or refresh) the derivative's ``dataset_description.json``."""
+def write_dataset_description(output_dir: Path, bids_dir: Path, atlas_dir: Path | None,
+                              templateflow_home: Path | None = None) -> Path:
+    """Write (or refresh) the derivative's ``dataset_description.json``.
+
+    ``templateflow_home`` (with --output-spaces) is linked as ``templateflow``, which the
+    template-space sidecars' ``SpatialReference`` BIDS URIs name.
+    """
     links = {"raw": Path(bids_dir).absolute().as_uri()}
     if atlas_dir is not None:
         links["atlases"] = Path(atlas_dir).absolute().as_uri()
+    if templateflow_home is not None:
+        links["templateflow"] = Path(templateflow_home).absolute().as_uri()
     generated_by = {"Name": "dlf-bids", "Version": __version__, "CodeURL": CODE_URL}
     container = os.environ.get("DLF_BIDS_CONTAINER")  # set by our container recipes
     if container:
@@ -52,6 +60,9 @@ Segmentations written by dlf-bids {version} in each T1w image's native geometry.
 `sub-<label>[_ses-<label>]_seg-<method>_dseg.nii.gz` holds the labels of one method
 (`mv` majority voting, `jlf` joint label fusion); `seg-<method>_dseg.tsv` at the root is its
 look-up table. Group tables (`group_seg-<method>_volumes.tsv`) list label volumes in mm^3.
+With `--output-spaces`, `space-<template>[_res-<N>]` files hold the same labels on a TemplateFlow
+template's grid, and `from-T1w_to-<template>` / `from-<template>_to-T1w` `_xfm.h5` files are the
+ANTs composite transforms between the T1w and the template.
 """
 
 

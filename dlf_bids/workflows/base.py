@@ -13,6 +13,7 @@ from ..utils.bids import AnatomicalInput, bids_uri
 from ..interfaces.registration import CoregisterT2w
 from ..resources import plan_memory
 from .multiatlas import dlf_uses_t2w, init_multiatlas_wf
+from .spaces import init_output_spaces_wf
 
 FUSION_DESCRIPTIONS = {
     "dlf": "Deep Label Fusion (Xie et al., 2023) of atlases registered with ANTs (antspyx).",
@@ -69,6 +70,12 @@ def init_single_image_wf(config: Config, anat: AnatomicalInput, library: AtlasLi
             (validate, coregister, [("out_file", "t1w")]),
             (coregister, multiatlas_wf, [("t2w_on_t1w", "inputnode.t2w")]),
         ])
+    if config.output_spaces:
+        spaces_wf = init_output_spaces_wf(config, anat)
+        workflow.connect(validate, "out_file", spaces_wf, "inputnode.t1w")
+        for method in config.fusion:
+            workflow.connect(multiatlas_wf, f"outputnode.seg_{method}",
+                             spaces_wf, f"inputnode.seg_{method}")
     for method in config.fusion:
         metadata = segmentation_metadata(config, anat, library, method)
         ds_seg = pe.Node(
