@@ -51,17 +51,24 @@ def rss_bytes(pid: int) -> int:
         return 0
 
 
-def run_sampled(cmd: list[str], log: Path) -> tuple[int, float, int, int]:
-    """Run ``cmd``; return (exit code, wall s, peak tree RSS, peak single-process RSS)."""
-    peak_tree = peak_one = 0
+def run_sampled(cmd: list[str], log: Path):
+    """Run ``cmd``; return (exit code, wall s, peak tree RSS, {pid: (peak RSS, first s, last s)}).
+
+    Each MultiProc worker runs one node (maxtasksperchild=1), so a worker's lifetime, matched
+    with the progress lines of the log, tells which node its peak belongs to."""
+    peak_tree, procs = 0, {}
     t0 = time.time()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         while proc.poll() is None:
-            sizes = [rss_bytes(pid) for pid in tree(proc.pid)]
-            peak_tree, peak_one = max(peak_tree, sum(sizes)), max(peak_one, max(sizes, default=0))
+            now = time.time() - t0
+            sizes = {pid: rss_bytes(pid) for pid in tree(proc.pid)}
+            peak_tree = max(peak_tree, sum(sizes.values()))
+            for pid, size in sizes.items():
+                peak, first, _ = procs.get(pid, (0, now, now))
+                procs[pid] = (max(peak, size), first, now)
             time.sleep(0.2)
-    return proc.returncode, time.time() - t0, peak_tree, peak_one
+    return proc.returncode, time.time() - t0, peak_tree, procs
 
 
 def main(argv=None) -> int:
@@ -90,20 +97,25 @@ def main(argv=None) -> int:
     t1w = bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
     plan = plan_memory(t1w, [a.t1w for a in library.atlases], args.fusion,
                        len(library.labels.indices))
-    tag = f"n{args.nprocs}-m{args.mem_gb:g}"
+    tag = f"n{args.nprocs}-m{args.mem_gb:g}-{'-'.join(args.fusion)}"
     cmd = [str(Path(sys.executable).parent / "dlf-bids"), str(bids), str(out / f"deriv-{tag}"),
            "participant", "--participant-label", "01", "--atlas-dir", str(library_dir),
            "--fusion", *args.fusion, "--registration-preset", args.preset,
            "--nprocs", str(args.nprocs), "--mem-gb", str(args.mem_gb),
            "--skip-bids-validation", "-w", str(out / f"work-{tag}")]
-    code, wall, peak_tree, peak_one = run_sampled(cmd, out / f"run-{tag}.log")
+    code, wall, peak_tree, procs = run_sampled(cmd, out / f"run-{tag}.log")
+    peak_one = max(p[0] for p in procs.values())
     gib = 2**30
     node, largest = plan.largest
     print(f"sub-01 T1w 256³ 1 mm, {len(library.atlases)} atlases ({args.preset}), "
           f"fusion {' '.join(args.fusion)}, --nprocs {args.nprocs} --mem-gb {args.mem_gb:g}: "
-          f"exit {code}, {wall:.0f} s wall")
+          f"exit {code}, {wall:.0f} s wall (log: {out / f'run-{tag}.log'})")
     print("estimates (GB): registration {:.2f}; {}".format(
         plan.registration, "; ".join(f"{m} {gb:.2f}" for m, gb in plan.fusion.items())))
+    print("processes over 200 MB (peak GB, alive from-to s after start; match with the log):")
+    for pid, (peak, first, last) in sorted(procs.items(), key=lambda kv: kv[1][1]):
+        if peak > 2e8:
+            print(f"  pid {pid}: {peak / 1e9:.2f} GB, {first:.0f}-{last:.0f} s")
     print(f"| peak RSS, whole tree | --mem-gb | tree / limit | peak RSS, largest process | "
           f"largest estimate ({node}) | process / estimate |")
     print(f"| {peak_tree / gib:.2f} GiB ({peak_tree / 1e9:.2f} GB) | {args.mem_gb:g} GB | "

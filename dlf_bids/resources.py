@@ -5,14 +5,18 @@ Nipype's MultiProc schedules nodes by their ``mem_gb`` so that the nodes running
 before any work (exit 69) rather than killed by the kernel an hour later.
 
 The figures are linear fits, ``base + bytes per voxel``, to peak RSS measured in fresh processes
-on the fs-training subjects at 2 mm (0.62 M voxels) and 1 mm (4.87 M voxels), 4 atlases,
-41 labels (BENCHMARKS.md, "Deep Label Fusion" and "Multi-atlas"), with a 25 % margin. Other
-atlas and label counts scale the per-voxel part linearly: an assumption (each atlas and each
-label adds one image-sized array), not a measurement.
+on the fs-training subjects at 2 mm (0.62 M voxels) and 1 mm (4.87 M voxels, brain-cropped), 4
+atlases, 41 labels, and on a whole-head 256³ T1w (16.8 M voxels, 2 atlases; BENCHMARKS.md,
+"Memory"), with a 25 % margin. JLF has two parts: one that follows the image grid and one that
+follows the brain (its mask is the dilated union of the warped atlas labels), which is why a
+whole-head image costs far less than its voxel count alone would say. Other atlas and label counts
+scale the per-voxel part linearly: an assumption (each atlas and each label adds one array), not
+a measurement.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +31,19 @@ FIT_ATLASES, FIT_LABELS = 4, 41  # the configuration the fits were measured in
 # (base MiB, bytes per voxel at FIT_ATLASES/FIT_LABELS)
 REGISTRATION = (300.0, 100.0)  # per voxel of fixed + moving image; 421 MiB at 2 mm, 1226 at 1 mm
 MAJORITY_VOTE = (95.0, 40.0)  # 119 / 291 MiB; scales with atlases
-JOINT_LABEL_FUSION = (474.0, 561.0)  # 806 / 3082 MiB; scales with atlases + labels
 DEEP_LABEL_FUSION = (1395.0, 134.0)  # 1478 / 2049 MiB (torch and the model in the base); labels
+# JLF: (base MiB, bytes per grid voxel, bytes per brain voxel); 806 / 3082 / 5093 MiB at
+# (grid, brain) = (0.62, 0.20), (4.87, 1.56), (16.8, 1.49) M voxels; the brain part scales with
+# atlases + labels
+JOINT_LABEL_FUSION = (479.0, 184.0, 1175.0)
+BRAIN_MARGIN = 1.2  # the JLF mask is dilated beyond the labelled voxels
+
+
+@functools.lru_cache(maxsize=32)
+def labelled_mm3(dseg: str) -> float:
+    """Volume (mm³) of the labelled voxels of a label map (read once per file and process)."""
+    img = nb.load(dseg)
+    return float(np.count_nonzero(np.asanyarray(img.dataobj))) * abs(np.linalg.det(img.affine[:3, :3]))
 
 
 def n_voxels(path: Path | str) -> int:
@@ -44,13 +59,17 @@ def registration_gb(target_voxels: int, atlas_voxels: int) -> float:
     return _gb(*REGISTRATION, target_voxels + atlas_voxels)
 
 
-def fusion_gb(method: str, voxels: int, n_atlases: int, n_labels: int) -> float:
-    """Peak memory of one fusion node on a target of ``voxels`` voxels."""
+def fusion_gb(method: str, voxels: int, n_atlases: int, n_labels: int,
+              brain_voxels: int | None = None) -> float:
+    """Peak memory of one fusion node on a target of ``voxels`` voxels, ``brain_voxels`` of them
+    in the brain (default: all, the cautious choice)."""
     if method == "mv":
         return _gb(*MAJORITY_VOTE, voxels, n_atlases / FIT_ATLASES)
     if method == "jlf":
-        return _gb(*JOINT_LABEL_FUSION, voxels,
-                   (n_atlases + n_labels) / (FIT_ATLASES + FIT_LABELS))
+        base, per_voxel, per_brain_voxel = JOINT_LABEL_FUSION
+        brain = voxels if brain_voxels is None else min(brain_voxels, voxels)
+        scale = (n_atlases + n_labels) / (FIT_ATLASES + FIT_LABELS)
+        return _gb(base, per_voxel, voxels) + _gb(0.0, per_brain_voxel, brain, scale)
     if method == "dlf":
         # DLF runs a fixed number of atlases per forward pass (--atlas-batch): labels dominate
         return _gb(*DEEP_LABEL_FUSION, voxels, n_labels / FIT_LABELS)
@@ -76,17 +95,33 @@ class MemoryPlan:
 
 
 def plan_memory(t1w: Path | str, atlas_t1ws, methods, n_labels: int,
-                template_t1ws=()) -> MemoryPlan:
-    """``template_t1ws``: the templates the T1w is registered to (``--output-spaces``)."""
+                template_t1ws=(), atlas_dsegs=()) -> MemoryPlan:
+    """``template_t1ws``: the templates the T1w is registered to (``--output-spaces``);
+    ``atlas_dsegs``: the atlases' label maps, whose labelled volume tells the brain's size
+    (without them the whole image is taken as brain)."""
     voxels = n_voxels(t1w)
+    brain_voxels = None
+    if atlas_dsegs:
+        target_voxel_mm3 = abs(np.linalg.det(nb.load(str(t1w)).affine[:3, :3]))
+        brain_voxels = int(BRAIN_MARGIN * labelled_mm3(str(atlas_dsegs[0])) / target_voxel_mm3)
     atlas_voxels = max(n_voxels(a) for a in atlas_t1ws)
     n_atlases = len(atlas_t1ws)
     return MemoryPlan(
         registration=registration_gb(voxels, atlas_voxels),
-        fusion={m: fusion_gb(m, voxels, n_atlases, n_labels) for m in methods},
+        fusion={m: fusion_gb(m, voxels, n_atlases, n_labels, brain_voxels) for m in methods},
         template_registration=max((registration_gb(voxels, n_voxels(t)) for t in template_t1ws),
                                   default=0.0),
     )
+
+
+def plan_for_run(config, t1w: Path | str, library) -> MemoryPlan:
+    """:func:`plan_memory` for one T1w of a run (its config and atlas library)."""
+    from .templates import registration_targets
+
+    templates = [s.t1w for s in registration_targets(config.output_spaces).values()]
+    return plan_memory(t1w, [a.t1w for a in library.atlases], config.fusion,
+                       len(library.labels.indices), templates,
+                       atlas_dsegs=[a.dseg for a in library.atlases])
 
 
 def machine_memory_gb() -> float:

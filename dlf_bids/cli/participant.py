@@ -82,16 +82,12 @@ def select_inputs(config: Config):
 
 def check_memory(config: Config, anatomicals, library) -> None:
     """Refuse, before any work, a run whose largest node alone cannot fit the memory it has."""
-    from ..resources import machine_memory_gb, plan_memory
-    from ..templates import registration_targets
+    from ..resources import machine_memory_gb, plan_for_run
 
     limit = config.mem_gb or machine_memory_gb()
     given = f"--mem-gb {config.mem_gb:g}" if config.mem_gb else f"this machine's {limit:.1f} GB"
-    templates = [s.t1w for s in registration_targets(config.output_spaces).values()]
     for anat in anatomicals:
-        plan = plan_memory(anat.t1w, [a.t1w for a in library.atlases], config.fusion,
-                           len(library.labels.indices), templates)
-        node, need = plan.largest
+        node, need = plan_for_run(config, anat.t1w, library).largest
         if need > limit:
             raise ResourceError(f"{anat.t1w.name}: {node} needs about {need:.1f} GB, more than "
                                 f"{given}; give the run more memory")

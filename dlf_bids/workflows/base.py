@@ -11,7 +11,7 @@ from ..interfaces.bids import DerivativesDataSink
 from ..utils.atlas_library import AtlasLibrary
 from ..utils.bids import AnatomicalInput, bids_uri
 from ..interfaces.registration import CoregisterT2w
-from ..resources import plan_memory
+from ..resources import plan_for_run
 from .multiatlas import dlf_uses_t2w, init_multiatlas_wf
 from .spaces import init_output_spaces_wf
 
@@ -54,8 +54,7 @@ def init_single_image_wf(config: Config, anat: AnatomicalInput, library: AtlasLi
     # Fix inconsistent qform/sform before anything else reads the header (niworkflows).
     validate = pe.Node(ValidateImage(), name="validate_t1w")
     use_t2w = anat.t2w is not None and dlf_uses_t2w(config, library)
-    memory = plan_memory(anat.t1w, [a.t1w for a in library.atlases], config.fusion,
-                         len(library.labels.indices))
+    memory = plan_for_run(config, anat.t1w, library)
     multiatlas_wf = init_multiatlas_wf(config, library, subject_has_t2w=use_t2w, memory=memory)
 
     workflow.connect([
