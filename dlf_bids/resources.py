@@ -29,6 +29,9 @@ REGISTRATION = (300.0, 100.0)  # per voxel of fixed + moving image; 421 MiB at 2
 MAJORITY_VOTE = (95.0, 40.0)  # 119 / 291 MiB; scales with atlases
 JOINT_LABEL_FUSION = (474.0, 561.0)  # 806 / 3082 MiB; scales with atlases + labels
 DEEP_LABEL_FUSION = (1395.0, 134.0)  # 1478 / 2049 MiB (torch and the model in the base); labels
+# label volumes of one map: 74 / 310 MiB at 128^3 / 256^3 voxels measured without Nipype, whose
+# ~150 MiB are added to the base
+LABEL_VOLUMES = (190.0, 17.0)
 
 
 def n_voxels(path: Path | str) -> int:
@@ -55,6 +58,10 @@ def fusion_gb(method: str, voxels: int, n_atlases: int, n_labels: int) -> float:
         # DLF runs a fixed number of atlases per forward pass (--atlas-batch): labels dominate
         return _gb(*DEEP_LABEL_FUSION, voxels, n_labels / FIT_LABELS)
     raise ValueError(f"unknown fusion method {method!r}")
+
+
+def label_volumes_gb(voxels: int) -> float:
+    return _gb(*LABEL_VOLUMES, voxels)
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,16 @@ def listing(root: Path) -> list[tuple[str, int]]:
                   for p in root.rglob("*"))
 
 
+def assert_valid_bids(path: Path) -> None:
+    """No bids-validator-deno errors in ``path``; the test skips where the validator is absent."""
+    from dlf_bids.utils.validator import validate_dataset, validator_available
+
+    if not validator_available():
+        pytest.skip("bids-validator-deno not installed")
+    result = validate_dataset(path)
+    assert not result.errors, result.summary(20)
+
+
 def the_error_line(err: str) -> str:
     """The single ``dlf-bids: error:`` line of stderr (and no traceback anywhere)."""
     assert "Traceback" not in err

@@ -10,8 +10,10 @@ from .. import __version__
 from .labels import LabelTable, write_label_table
 
 CODE_URL = "https://github.com/dlf-bids/dlf-bids"
-# BIDS has no suffix for a voxelwise uncertainty map: ours is named *_uncertainty and ignored
-BIDSIGNORE = ["logs/", "figures/", "*.html", "group_*", ".dlf-bids-staging/", "*_volumes.tsv",
+# BIDS has no suffix for a voxelwise uncertainty map: ours is named *_uncertainty and ignored.
+# "figures", not "figures/": bids-validator-deno matches the folder itself ("/figures") too and
+# reports it NOT_INCLUDED when the pattern ends in a slash.
+BIDSIGNORE = ["logs/", "figures", "*.html", "group_*", ".dlf-bids-staging/", "*_volumes.tsv",
               "*_volumes.json", "*_uncertainty.nii.gz", "*_uncertainty.json"]
 
 
