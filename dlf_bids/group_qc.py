@@ -50,6 +50,7 @@ class Problem:
     image: str  # the image's BIDS prefix, or the subject when no image was chosen
     status: str  # failed, skipped or missing
     reason: str
+    crash_files: tuple[str, ...] = ()  # Nipype crash reports, relative to the output dir
 
 
 def robust_z(values) -> np.ndarray:
@@ -180,8 +181,9 @@ def find_problems(bids_dir: Path, output_dir: Path, segmented: set[str]) -> list
     for record in read_statuses(output_dir):
         recorded.add(record.participant_id)
         if record.status in ("failed", "skipped"):
+            crashes = tuple(f for f in record.crash_files if (Path(output_dir) / f).is_file())
             problems.append(Problem(record.participant_id, record.name, record.status,
-                                    record.reason or "no reason recorded"))
+                                    record.reason or "no reason recorded", crashes))
         elif gone := [f for f in record.outputs if not (Path(output_dir) / f).is_file()]:
             problems.append(Problem(record.participant_id, record.name, "missing",
                                     f"succeeded, but its outputs are gone: {', '.join(gone)}"))

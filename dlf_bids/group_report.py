@@ -46,11 +46,19 @@ def _e(value) -> str:
     return html.escape(str(value), quote=True)
 
 
+class _Markup(str):
+    """A table cell that is already HTML (built from escaped parts): not escaped again."""
+
+
+def _cell(value, numeric: bool) -> str:
+    text = value if isinstance(value, _Markup) else _e(value)
+    return f'<td class="num">{text}</td>' if numeric else f"<td>{text}</td>"
+
+
 def _table(header, rows, numeric=()) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if i in numeric else f"<td>{_e(c)}</td>"
-                         for i, c in enumerate(row)) + "</tr>\n" for row in rows)
+    body = "".join("<tr>" + "".join(_cell(c, i in numeric) for i, c in enumerate(row))
+                   + "</tr>\n" for row in rows)
     return f"<table>\n<tr>{head}</tr>\n{body}</table>\n"
 
 
@@ -80,8 +88,10 @@ def _summary(results: GroupResults) -> str:
 def _problems(results: GroupResults) -> str:
     if not results.problems:
         return "<p>None: every subject of the dataset has results.</p>\n"
-    rows = [(p.participant_id, p.image, p.status, p.reason) for p in results.problems]
-    return _table(("participant", "image", "status", "reason"), rows)
+    rows = [(p.participant_id, p.image, p.status, p.reason,
+             _Markup(" ".join(f'<a href="{_e(f)}">{_e(Path(f).name)}</a>' for f in p.crash_files)))
+            for p in results.problems]
+    return _table(("participant", "image", "status", "reason", "crash report"), rows)
 
 
 def _outliers(results: GroupResults) -> str:

@@ -154,6 +154,7 @@ def test_method_agreement_is_the_dice_of_the_label_maps(study):
 def test_report_lists_the_unprocessed_subject_as_missing(study):
     text = _check_page(study.out / "group_report.html")
     assert "<td>sub-04</td><td>sub-04</td><td>missing</td>" in text
+    assert "crash-" not in text  # nothing crashed
     assert "sub-01</td><td>sub-01</td>" not in text  # segmented subjects are not listed
     assert "fewer than 5 images" in text  # 3 images: no outlier flags
     assert _rows(study.out / "group_outliers.tsv") == []
@@ -162,12 +163,16 @@ def test_report_lists_the_unprocessed_subject_as_missing(study):
 
 def test_report_names_a_failed_subject_with_its_reason(study, tmp_path):
     out = Path(shutil.copytree(study.out, tmp_path / "out"))
+    crash = "logs/crash-20261203-sub_04_wf.fuse_mv.txt"
+    (out / crash).write_text("Node: dlf_bids_wf.sub_04_wf.fuse_mv\nValueError: planted\n")
     write_status(out, RunStatus(name="sub-04", participant_id="sub-04", status="failed",
-                                reason="ValueError: planted <failure> for sub-04"))
+                                reason="ValueError: planted <failure> for sub-04",
+                                crash_files=[crash, "logs/crash-deleted-since.txt"]))
     assert main([str(study.bids), str(out), "group"]) == 0
-    text = _check_page(out / "group_report.html")
+    text = _check_page(out / "group_report.html")  # the crash report link must resolve
     assert ("<td>sub-04</td><td>sub-04</td><td>failed</td>"
-            "<td>ValueError: planted &lt;failure&gt; for sub-04</td>") in text
+            "<td>ValueError: planted &lt;failure&gt; for sub-04</td>"
+            f'<td><a href="{crash}">{Path(crash).name}</a></td>') in text
     assert "<td>missing</td>" not in text  # it has a record now: failed, not missing
     assert len(_rows(out / "group_volumes.tsv")) == len(_rows(study.out / "group_volumes.tsv"))
 

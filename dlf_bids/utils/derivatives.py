@@ -48,7 +48,9 @@ README = """\
 Segmentations written by dlf-bids {version} in each T1w image's native geometry.
 `sub-<label>[_ses-<label>]_seg-<method>_dseg.nii.gz` holds the labels of one method
 (`mv` majority voting, `jlf` joint label fusion); `seg-<method>_dseg.tsv` at the root is its
-look-up table. Group tables (`group_seg-<method>_volumes.tsv`) list label volumes in mm^3.
+look-up table. `sub-<label>[_ses-<label>]_seg-<method>_volumes.tsv` lists each label's volume in
+mm^3 (with a data dictionary in the `.json` beside it). The group level writes `group_*.tsv`
+tables (volumes, outliers, agreement between methods) and `group_report.html`.
 """
 
 
