@@ -134,18 +134,22 @@ def method_agreement(measured: dict[str, list[MeasuredImage]], labels) -> list[A
         if len(segs) < 2:
             continue
         maps = {m: _load_labels(s.path) for m, s in segs.items()}
-        for a, b in itertools.combinations(sorted(segs), 2):
-            if maps[a].shape != maps[b].shape:  # not the same grid: no voxelwise agreement
-                found.append(Agreement(segs[a], a, b, float("nan"), float("nan"), "n/a", 0))
-                continue
-            scores = {k: v for k, v in dice_per_label(maps[a], maps[b], labels).items()
-                      if not np.isnan(v)}
-            lowest = min(scores, key=scores.get) if scores else None
-            found.append(Agreement(
-                segs[a], a, b, float(np.mean(list(scores.values()))) if scores else float("nan"),
-                scores[lowest] if scores else float("nan"),
-                names.get(lowest, "n/a") if scores else "n/a", len(scores)))
+        found += [_pair_agreement(segs[a], a, b, maps[a], maps[b], labels, names)
+                  for a, b in itertools.combinations(sorted(segs), 2)]
     return found
+
+
+def _pair_agreement(seg: Segmentation, a: str, b: str, map_a, map_b, labels,
+                    names: dict) -> Agreement:
+    nothing = Agreement(seg, a, b, float("nan"), float("nan"), "n/a", 0)
+    if map_a.shape != map_b.shape:  # not the same grid: no voxelwise agreement
+        return nothing
+    scores = {k: v for k, v in dice_per_label(map_a, map_b, labels).items() if not np.isnan(v)}
+    if not scores:  # neither map holds a label
+        return nothing
+    lowest = min(scores, key=scores.get)
+    return Agreement(seg, a, b, float(np.mean(list(scores.values()))), scores[lowest],
+                     names.get(lowest, str(lowest)), len(scores))
 
 
 def write_agreement(output_dir: Path, agreement: list[Agreement]) -> Path:

@@ -221,6 +221,23 @@ def test_planted_outlier_is_flagged_and_no_other(planted):
     assert _rows(out / "group_method_agreement.tsv") == []  # one method: nothing to compare
 
 
+def test_skipped_and_vanished_images_are_listed(tmp_path):
+    from dlf_bids.group_qc import find_problems
+
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    for sub in ("sub-01", "sub-02", "sub-03"):
+        (bids / sub).mkdir(parents=True)
+    write_status(out, RunStatus(name="sub-01", participant_id="sub-01", status="skipped",
+                                reason="no T1w image"))
+    write_status(out, RunStatus(name="sub-02_run-1", participant_id="sub-02", status="succeeded",
+                                outputs=["sub-02/anat/sub-02_run-1_seg-mv_dseg.nii.gz"]))
+    problems = find_problems(bids, out, segmented={"sub-03"})
+    assert [(p.image, p.status) for p in problems] == [("sub-01", "skipped"),
+                                                      ("sub-02_run-1", "missing")]
+    assert problems[0].reason == "no T1w image"
+    assert problems[1].reason.startswith("succeeded, but its outputs are gone: sub-02/anat/")
+
+
 def test_robust_z():
     z = robust_z([10, 11, 9, 10, 10, 12, 50])
     assert abs(z[-1]) > 3.5 and np.all(np.abs(z[:-1]) <= 3.5)
