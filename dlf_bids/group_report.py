@@ -71,16 +71,16 @@ def _shown(rows: list, what: str, tsv: str) -> tuple[list, str]:
 
 
 def _summary(results: GroupResults) -> str:
-    images = {i.segmentation.image for images in results.measured.values() for i in images}
-    subjects = {i.segmentation.participant_id for images in results.measured.values()
-                for i in images}
-    per_method = ", ".join(f"{_e(m)} ({len(images)})"
-                           for m, images in sorted(results.measured.items()))
+    segs = [i.segmentation for per_method in results.measured.values() for i in per_method]
+    n_images = len({s.image for s in segs})
+    n_subjects = len({s.participant_id for s in segs})
+    per_method = ", ".join(f"{_e(m)} ({len(results.measured[m])})"
+                           for m in sorted(results.measured))
     counts = {s: sum(p.status == s for p in results.problems) for s in ("failed", "skipped",
                                                                         "missing")}
     problems = ", ".join(f'<span class="{s}">{n} {s}</span>' for s, n in counts.items())
     notes = "".join(f"<p>{_e(n)}</p>\n" for n in results.notes)
-    return (f"<p>{len(images)} T1w image(s) of {len(subjects)} participant(s) segmented; "
+    return (f"<p>{n_images} T1w image(s) of {n_subjects} participant(s) segmented; "
             f"methods (images): {per_method}.</p>\n"
             f'<p>Without results: {problems} (<a href="#problems">details</a>).</p>\n{notes}')
 
@@ -104,7 +104,8 @@ def _outliers(results: GroupResults) -> str:
         text += (f"<p>Not computed for {_e(', '.join(few))}: fewer than "
                  f"{MIN_IMAGES_FOR_OUTLIERS} images.</p>\n")
     if not results.outliers:
-        return text + "<p>No volume is flagged.</p>\n"
+        checked = len(few) < len(results.measured)  # else there was nothing to flag from
+        return text + ("<p>No volume is flagged.</p>\n" if checked else "")
     rows = [(o.segmentation.image, o.segmentation.method, o.name, format_volume(o.volume_mm3),
              format_volume(o.median_mm3), f"{o.z:.2f}") for o in results.outliers]
     rows, more = _shown(rows, "flagged volumes", "group_outliers.tsv")
