@@ -44,6 +44,9 @@ def labelled_mm3(dseg: str) -> float:
     """Volume (mm³) of the labelled voxels of a label map (read once per file and process)."""
     img = nb.load(dseg)
     return float(np.count_nonzero(np.asanyarray(img.dataobj))) * abs(np.linalg.det(img.affine[:3, :3]))
+# label volumes of one map: 74 / 310 MiB at 128^3 / 256^3 voxels measured without Nipype, whose
+# ~150 MiB are added to the base
+LABEL_VOLUMES = (190.0, 17.0)
 
 
 def n_voxels(path: Path | str) -> int:
@@ -74,6 +77,10 @@ def fusion_gb(method: str, voxels: int, n_atlases: int, n_labels: int,
         # DLF runs a fixed number of atlases per forward pass (--atlas-batch): labels dominate
         return _gb(*DEEP_LABEL_FUSION, voxels, n_labels / FIT_LABELS)
     raise ValueError(f"unknown fusion method {method!r}")
+
+
+def label_volumes_gb(voxels: int) -> float:
+    return _gb(*LABEL_VOLUMES, voxels)
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,16 @@ def blob_phantom(seed: int, shape=(24, 24, 24), jitter: int = 1, radius_jitter: 
     return img, lab
 
 
+def assert_valid_bids(path: Path) -> None:
+    """No bids-validator-deno errors in ``path``; the test skips where the validator is absent."""
+    from dlf_bids.utils.validator import validate_dataset, validator_available
+
+    if not validator_available():
+        pytest.skip("bids-validator-deno not installed")
+    result = validate_dataset(path)
+    assert not result.errors, result.summary(20)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` next to the project (real data, never copied into the repository)."""

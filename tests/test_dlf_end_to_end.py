@@ -66,7 +66,8 @@ def test_dlf_is_the_default_fusion_with_a_model(dlf_run):
     anat = dlf_run["out"] / "sub-01" / "anat"
     assert sorted(p.name for p in anat.iterdir()) == [
         "sub-01_seg-dlf_dseg.json", "sub-01_seg-dlf_dseg.nii.gz",
-        "sub-01_seg-dlf_uncertainty.json", "sub-01_seg-dlf_uncertainty.nii.gz"]
+        "sub-01_seg-dlf_uncertainty.json", "sub-01_seg-dlf_uncertainty.nii.gz",
+        "sub-01_seg-dlf_volumes.json", "sub-01_seg-dlf_volumes.tsv"]
     assert (dlf_run["out"] / "seg-dlf_dseg.tsv").is_file()
 
 

@@ -20,7 +20,8 @@ from dlf_bids.cli.run import main as dlf_bids_main
 from dlf_bids.evaluation import mean_dice
 from dlf_bids.interfaces.bids import STAGING_DIRNAME
 from dlf_bids.utils.labels import read_label_table
-from dlf_bids.utils.validator import validate_dataset, validator_available
+
+from conftest import assert_valid_bids  # skips without bids-validator-deno
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +31,6 @@ ASEG_EVAL = [2, 3, 4, 7, 8, 10, 11, 12, 13, 16, 17, 18, 41, 42, 43, 46, 47, 49, 
 
 def _listing(root: Path) -> list[tuple[str, int]]:
     return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*"))
-
-
-def _assert_valid(path: Path) -> None:
-    if not validator_available():
-        pytest.skip("bids-validator-deno not installed")
-    result = validate_dataset(path)
-    assert not result.errors, result.summary(20)
 
 
 # --- the real 3 mm sample: atlases from real FreeSurfer subjects ------------------------------
@@ -84,13 +78,22 @@ def test_mne_output_names(mne_run):
                    and "logs" not in p.parts)
     assert files == [
         ".bidsignore", "README.md", "dataset_description.json",
+        "figures/group_volumes_01.png", "figures/group_volumes_02.png",
+        "figures/group_volumes_03.png", "figures/group_volumes_04.png",
+        "group_method_agreement.json", "group_method_agreement.tsv",
+        "group_outliers.json", "group_outliers.tsv", "group_report.html",
         "group_seg-jlf_volumes.json", "group_seg-jlf_volumes.tsv",
         "group_seg-mv_volumes.json", "group_seg-mv_volumes.tsv",
+        "group_volumes.json", "group_volumes.tsv",
         "seg-jlf_dseg.tsv", "seg-mv_dseg.tsv",
         "sub-sample/anat/sub-sample_seg-jlf_dseg.json",
         "sub-sample/anat/sub-sample_seg-jlf_dseg.nii.gz",
+        "sub-sample/anat/sub-sample_seg-jlf_volumes.json",
+        "sub-sample/anat/sub-sample_seg-jlf_volumes.tsv",
         "sub-sample/anat/sub-sample_seg-mv_dseg.json",
         "sub-sample/anat/sub-sample_seg-mv_dseg.nii.gz",
+        "sub-sample/anat/sub-sample_seg-mv_volumes.json",
+        "sub-sample/anat/sub-sample_seg-mv_volumes.tsv",
     ]
     assert not (out / STAGING_DIRNAME).exists() or not any((out / STAGING_DIRNAME).iterdir())
 
@@ -143,7 +146,7 @@ def test_mne_group_volumes(mne_run):
 
 
 def test_mne_output_is_valid_bids(mne_run):
-    _assert_valid(mne_run["out"])
+    assert_valid_bids(mne_run["out"])
 
 
 # --- the demo, through its own command --------------------------------------------------------
@@ -181,8 +184,8 @@ def test_demo_group_table_and_validity(demo_run):
     out = demo_run["out"]
     lines = (out / "group_seg-jlf_volumes.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in lines[1:]] == ["sub-01", "sub-02"]
-    _assert_valid(out)
-    _assert_valid(demo_run["data"] / "bids")
+    assert_valid_bids(out)
+    assert_valid_bids(demo_run["data"] / "bids")
 
 
 def test_same_seed_same_outputs(demo_run, tmp_path):

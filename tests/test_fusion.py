@@ -8,7 +8,7 @@ import pytest
 
 from dlf_bids.fusion import (fusion_mask, joint_label_fusion, load_label_stack, majority_vote,
                              save_labels)
-from dlf_bids.group import label_volumes
+from dlf_bids.volumes import label_volumes
 from dlf_bids.utils.labels import Label, LabelTable
 
 

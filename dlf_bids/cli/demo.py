@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     print(f"dlf-bids-demo: done in {time.time() - started:.0f} s")
     print(f"  input dataset : {data.bids_dir}")
     print(f"  atlas library : {data.atlas_dir}")
-    print(f"  results       : {results}  (group tables: {results}/group_seg-*_volumes.tsv)")
+    print(f"  results       : {results}")
+    print(f"  group report  : {results / 'group_report.html'}")
     return 0
 
 

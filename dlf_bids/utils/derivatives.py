@@ -15,9 +15,11 @@ from .files import write_text_atomic
 from .labels import LabelTable, write_label_table
 
 CODE_URL = "https://github.com/dlf-bids/dlf-bids"
-# BIDS has no suffix for a voxelwise uncertainty map: ours is named *_uncertainty and ignored
-# nor for transforms (BIDS has none yet; fMRIPrep ignores its *_xfm.* the same way)
-BIDSIGNORE = ["logs/", "figures/", "*.html", "group_*", ".dlf-bids-staging/", "*_volumes.tsv",
+# BIDS has no suffix for a voxelwise uncertainty map: ours is named *_uncertainty and ignored,
+# nor for transforms (BIDS has none yet; fMRIPrep ignores its *_xfm.* the same way).
+# "figures", not "figures/": bids-validator-deno matches the folder itself ("/figures") too and
+# reports it NOT_INCLUDED when the pattern ends in a slash.
+BIDSIGNORE = ["logs/", "figures", "*.html", "group_*", ".dlf-bids-staging/", "*_volumes.tsv",
               "*_volumes.json", "*_uncertainty.nii.gz", "*_uncertainty.json", "*_xfm.*"]
 
 
@@ -59,7 +61,9 @@ README = """\
 Segmentations written by dlf-bids {version} in each T1w image's native geometry.
 `sub-<label>[_ses-<label>]_seg-<method>_dseg.nii.gz` holds the labels of one method
 (`mv` majority voting, `jlf` joint label fusion); `seg-<method>_dseg.tsv` at the root is its
-look-up table. Group tables (`group_seg-<method>_volumes.tsv`) list label volumes in mm^3.
+look-up table. `sub-<label>[_ses-<label>]_seg-<method>_volumes.tsv` lists each label's volume in
+mm^3 (with a data dictionary in the `.json` beside it). The group level writes `group_*.tsv`
+tables (volumes, outliers, agreement between methods) and `group_report.html`.
 With `--output-spaces`, `space-<template>[_res-<N>]` files hold the same labels on a TemplateFlow
 template's grid, and `from-T1w_to-<template>` / `from-<template>_to-T1w` `_xfm.h5` files are the
 ANTs composite transforms between the T1w and the template.

@@ -14,6 +14,7 @@ from ..interfaces.registration import CoregisterT2w
 from ..resources import plan_for_run
 from .multiatlas import dlf_uses_t2w, init_multiatlas_wf
 from .spaces import init_output_spaces_wf
+from .volumes import connect_label_volumes
 
 FUSION_DESCRIPTIONS = {
     "dlf": "Deep Label Fusion (Xie et al., 2023) of atlases registered with ANTs (antspyx).",
@@ -86,6 +87,8 @@ def init_single_image_wf(config: Config, anat: AnatomicalInput, library: AtlasLi
             name=f"ds_seg_{method}", run_without_submitting=True,
         )
         workflow.connect(multiatlas_wf, f"outputnode.seg_{method}", ds_seg, "in_file")
+        connect_label_volumes(workflow, (multiatlas_wf, f"outputnode.seg_{method}"), config, anat,
+                              library, method)
         if method == "dlf":
             # the sidecar also says what the run used (modalities, model hash): known at run time
             multiatlas_wf.get_node("fuse_dlf").inputs.base_metadata = metadata
