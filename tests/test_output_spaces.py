@@ -371,6 +371,7 @@ def test_run_writes_segmentation_in_template_space(space_run, demo_data):
         f"sub-01_from-{TEMPLATE}_to-T1w_mode-image_xfm.h5",
         f"sub-01_from-T1w_to-{TEMPLATE}_mode-image_xfm.h5",
         "sub-01_seg-mv_dseg.json", "sub-01_seg-mv_dseg.nii.gz",
+        "sub-01_seg-mv_volumes.json", "sub-01_seg-mv_volumes.tsv",  # native geometry only
         f"sub-01_space-{TEMPLATE}_seg-mv_res-2_dseg.json",
         f"sub-01_space-{TEMPLATE}_seg-mv_res-2_dseg.nii.gz",
     ]

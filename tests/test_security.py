@@ -178,7 +178,7 @@ def test_sink_replaces_a_link_at_the_output_name(tmp_path, outside):
 
 
 def test_dataset_level_files_replace_planted_links(tmp_path, outside):
-    from dlf_bids.group import group_volumes
+    from dlf_bids.group import measure_method, write_wide_table
     from dlf_bids.utils.derivatives import (write_bidsignore, write_dataset_description,
                                             write_method_luts, write_readme)
 
@@ -197,7 +197,7 @@ def test_dataset_level_files_replace_planted_links(tmp_path, outside):
     seg[:2] = 1
     (out / "sub-01" / "anat").mkdir(parents=True)
     nb.save(nb.Nifti1Image(seg, np.eye(4)), out / "sub-01" / "anat" / "sub-01_seg-mv_dseg.nii.gz")
-    group_volumes(out, "mv")
+    write_wide_table(out, "mv", measure_method(out, "mv"))
     assert [v.read_bytes() for v in victims[:-1]] == [b"precious\n"] * len(names)
     assert victims[-1].read_bytes() == b"secret\n"
     for name in names + [".bidsignore"]:
