@@ -120,6 +120,15 @@ def test_report_shows_each_method_the_registration_check_and_the_summary(runs):
     assert "none found for this T1w" in (runs["both"] / "sub-02.html").read_text()
 
 
+def test_reports_keep_the_output_valid_bids(runs):
+    from dlf_bids.utils.validator import validate_dataset, validator_available
+
+    if not validator_available():
+        pytest.skip("bids-validator-deno not installed")
+    result = validate_dataset(runs["both"])  # sub-<label>.html, sub-<label>/figures/, logs/
+    assert not result.errors, result.summary(20)
+
+
 def test_registration_check_is_published_even_when_its_node_is_cached(runs):
     # the second run found the drawing node in the work dir's cache and still published it
     assert (runs["mv"] / "sub-01" / "figures" / "sub-01_desc-atlasreg_T1w.svg").is_file()

@@ -208,9 +208,13 @@ def _fusion_paragraph(method: str, records: list[RunStatus], cite, v) -> str:
                 f"errors (`seg-jlf`).")
     models = _union([[f"`{r.dlf_model['file']}` (SHA-256 {r.dlf_model['sha256']})"]
                      for r in records if r.dlf_model])
-    t2w = ("The subject's T2w image, rigidly registered and resampled onto the T1w grid, was the "
-           "network's second input" if any(r.t2w_used for r in records)
-           else "The network was given the T1w images only")
+    used = sum(r.t2w_used for r in records)
+    t2w = "The network was given no T2w image"
+    if used:
+        which = "The subject's" if used == len(records) else \
+            f"For {used} of {len(records)} T1w images, the subject's"
+        t2w = (f"{which} T2w image, rigidly registered and resampled onto the T1w grid, was the "
+               f"network's second input")
     return (f"Deep Label Fusion {cite('xie2023')} fused the registered atlases with the trained "
             f"model {', '.join(models) or '(not recorded)'}, run with PyTorch{v('torch')} "
             f"{cite('pytorch')} (`seg-dlf`). {t2w}. A voxelwise uncertainty map, the normalised "

@@ -56,9 +56,9 @@ def raw_path(uri: str | None, bids_dir: Path) -> Path | None:
 def segmentations_of(output_dir: Path, record: RunStatus) -> dict[str, Path]:
     """Every ``<image>_seg-<method>_dseg.nii.gz`` written for this image, by method."""
     subject_dir = Path(output_dir) / record.participant_id
+    pattern = rf"{re.escape(record.name)}_seg-([a-zA-Z0-9]+)_dseg\.nii\.gz"
     found = {}
     for path in sorted(subject_dir.glob(f"**/anat/{record.name}_seg-*_dseg.nii.gz")):
-        pattern = rf"{re.escape(record.name)}_seg-([a-zA-Z0-9]+)_dseg\.nii\.gz"
         match = re.fullmatch(pattern, path.name)
         if match:
             found[match.group(1)] = path
@@ -68,7 +68,8 @@ def segmentations_of(output_dir: Path, record: RunStatus) -> dict[str, Path]:
 def t2w_note(record: RunStatus) -> str:
     """Which T2w the image had, and whether the run used it (and if not, why)."""
     if record.t2w is None:
-        dropped = [w for w in record.warnings if "T2w" in w]
+        # the input checks drop a bad T2w with a warning that says so (cli.participant)
+        dropped = [w for w in record.warnings if "T2w not used" in w]
         return f"none used: {dropped[0]}" if dropped else "none found for this T1w"
     if record.t2w_used:
         return f"{record.t2w} (used by Deep Label Fusion)"

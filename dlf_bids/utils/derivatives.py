@@ -10,8 +10,10 @@ from .. import __version__
 from .labels import LabelTable, write_label_table
 
 CODE_URL = "https://github.com/dlf-bids/dlf-bids"
-# BIDS has no suffix for a voxelwise uncertainty map: ours is named *_uncertainty and ignored
-BIDSIGNORE = ["logs/", "figures/", "*.html", "group_*", ".dlf-bids-staging/", "*_volumes.tsv",
+# BIDS has no suffix for a voxelwise uncertainty map: ours is named *_uncertainty and ignored.
+# The reports' figures are in sub-<label>/figures/: bids-validator-deno skips a folder below the
+# root only for a pattern without the trailing slash ("figures/" leaves it NOT_INCLUDED).
+BIDSIGNORE = ["logs/", "figures/", "sub-*/figures", "*.html", "group_*", ".dlf-bids-staging/", "*_volumes.tsv",
               "*_volumes.json", "*_uncertainty.nii.gz", "*_uncertainty.json"]
 
 
