@@ -295,7 +295,9 @@ def test_screenshot_in_a_real_browser(runs, tmp_path):
     from PIL import Image
 
     png = tmp_path / "report.png"
+    # --no-sandbox: CI runs as root; --disable-dev-shm-usage: containers have a small /dev/shm
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                    "--disable-dev-shm-usage", "--hide-scrollbars",
                     f"--screenshot={png}", "--window-size=1280,2000",
                     (runs["both"] / "sub-01.html").as_uri()],
                    capture_output=True, timeout=120, check=True)
@@ -307,4 +309,4 @@ def test_screenshot_in_a_real_browser(runs, tmp_path):
     colours = len(np.unique(pixels.reshape(-1, 3) // 8, axis=0))
     assert dark > 0.15, f"only {dark:.0%} of the screenshot is figure background"
     assert reddish > 5000, "no label overlay visible"
-    assert colours > 500, f"only {colours} distinct colours: figures missing?"
+    assert colours > 400, f"only {colours} distinct colours: figures missing?"  # text alone: ~230
