@@ -44,6 +44,7 @@ class Config:
     skip_bids_validation: bool = False
     stop_on_first_crash: bool = False
     verbose: int = 0
+    reports_only: bool = False  # rebuild the reports from the outputs; run nothing
 
     def __post_init__(self):
         unknown = set(self.fusion) - set(FUSION_METHODS)

@@ -41,10 +41,28 @@ class RunStatus:
     finished: str | None = None
     elapsed_s: float | None = None
     version: str | None = None
+    packages: dict = field(default_factory=dict)  # {"nipype": "1.11.0", ...}: see package_versions
 
     def __post_init__(self):
         if self.status not in STATUSES:
             raise ValueError(f"unknown status {self.status!r}")
+
+
+# what the report and the methods text name, besides dlf-bids itself
+KEY_PACKAGES = ("nipype", "niworkflows", "antspyx", "torch", "pybids", "nibabel", "nilearn")
+
+
+def package_versions() -> dict[str, str]:
+    """The installed versions of :data:`KEY_PACKAGES` (those not installed are left out)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in KEY_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
 
 
 def status_path(output_dir: Path | str, name: str) -> Path:

@@ -86,6 +86,7 @@ def test_mne_output_names(mne_run):
         "group_seg-mv_volumes.json", "group_seg-mv_volumes.tsv",
         "group_volumes.json", "group_volumes.tsv",
         "seg-jlf_dseg.tsv", "seg-mv_dseg.tsv",
+        "sub-sample.html",
         "sub-sample/anat/sub-sample_seg-jlf_dseg.json",
         "sub-sample/anat/sub-sample_seg-jlf_dseg.nii.gz",
         "sub-sample/anat/sub-sample_seg-jlf_volumes.json",
@@ -94,6 +95,9 @@ def test_mne_output_names(mne_run):
         "sub-sample/anat/sub-sample_seg-mv_dseg.nii.gz",
         "sub-sample/anat/sub-sample_seg-mv_volumes.json",
         "sub-sample/anat/sub-sample_seg-mv_volumes.tsv",
+        "sub-sample/figures/sub-sample_desc-atlasreg_T1w.svg",
+        "sub-sample/figures/sub-sample_seg-jlf_dseg.svg",
+        "sub-sample/figures/sub-sample_seg-mv_dseg.svg",
     ]
     assert not (out / STAGING_DIRNAME).exists() or not any((out / STAGING_DIRNAME).iterdir())
 

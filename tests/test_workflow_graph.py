@@ -48,6 +48,7 @@ def as_list(value):
 def check_single_image_wf(sub, config, anat, library):
     """What every per-image sub-workflow must hold."""
     names = sub.list_node_names()
+    edges = [(u.name, v.name, d["connect"]) for u, v, d in sub._graph.edges(data=True)]
     multiatlas = sub.get_node("multiatlas_wf")
     register = multiatlas.get_node("register_atlases")
     # registration: one MapNode over every atlas of the library, threads from the config
@@ -75,13 +76,23 @@ def check_single_image_wf(sub, config, anat, library):
         assert len(meta["Sources"]) == 1 + len(library.atlases)
         assert meta["Atlases"] == [f"sub-{a.atlas_id}" for a in library.atlases]
         # the sink is fed by this method's fused output
-        edges = [(u.name, v.name, d["connect"]) for u, v, d in sub._graph.edges(data=True)]
         assert ("multiatlas_wf", f"ds_seg_{method}",
                 [(f"outputnode.seg_{method}", "in_file")]) in edges
         fuse = multiatlas.get_node(f"fuse_{method}")
         fed = {c for u, v, d in multiatlas._graph.edges(data=True) if v is fuse for c in d["connect"]}
         assert ("warped_dseg", "atlas_dseg") in fed and ("t1w", "target_t1w") in fed
         assert (("warped_t1w", "atlas_t1w") in fed) == (method == "jlf")
+    # the report's registration check: drawn from the first registered atlas, copied into
+    # sub-<label>/figures/ by a node that always runs
+    check = sub.get_node("registration_check")
+    assert check.inputs.atlas_t1w == str(library.atlases[0].t1w)
+    assert check.inputs.atlas_name == f"sub-{library.atlases[0].atlas_id}"
+    assert ("multiatlas_wf", "registration_check",
+            [("outputnode.warped_t1w", "warped_atlas_t1w")]) in edges
+    publish = sub.get_node("ds_registration_check")
+    assert publish.inputs.out_path == str(config.output_dir / f"sub-{anat.subject}" / "figures"
+                                          / f"{anat.prefix}_desc-atlasreg_T1w.svg")
+    assert publish.interface.always_run
     if "jlf" in config.fusion:
         fuse = multiatlas.get_node("fuse_jlf")
         assert fuse.n_procs == config.threads_per_process

@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "workflows/plugins/slurm.yml to run every node as a SLURM job "
                            "(default: MultiProc on this machine)")
     perf.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    perf.add_argument("--reports-only", action="store_true",
+                      help="only rebuild the HTML reports (sub-<label>.html) and "
+                           "logs/CITATION.md/.bib from the outputs and status records already in "
+                           "output_dir; runs no workflow")
     perf.add_argument("--stop-on-first-crash", action="store_true",
                       help="stop everything at the first failure instead of finishing other subjects")
     return parser

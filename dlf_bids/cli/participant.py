@@ -166,6 +166,21 @@ def check_dlf_model(config: Config, library):
     return info
 
 
+def run_reports_only(config: Config) -> int:
+    """``--reports-only``: the reports and citations again, from what the output dir holds."""
+    from ..errors import EXIT_OK
+    from ..reports.report import write_reports
+    from ..utils.bids import strip_prefix
+
+    if config.analysis_level != "participant":
+        raise UsageError("--reports-only rebuilds the participant reports: use it with the "
+                         "participant level")
+    for report in write_reports(config.output_dir, config.bids_dir,
+                                strip_prefix(config.participant_labels, "sub-")):
+        _say(f"report: {report}")
+    return EXIT_OK
+
+
 def run_participant_level(config: Config, validate_input) -> int:
     from ..utils.atlas_library import load_atlas_library
     from ..workflows.multiatlas import dlf_uses_t2w

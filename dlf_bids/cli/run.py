@@ -98,6 +98,7 @@ def config_from_args(args) -> Config:
         plugin=plugin, plugin_args=plugin_args,
         seed=args.seed, skip_bids_validation=args.skip_bids_validation,
         stop_on_first_crash=args.stop_on_first_crash, verbose=args.verbose,
+        reports_only=args.reports_only,
     )
 
 
@@ -133,7 +134,11 @@ def main(argv=None) -> int:
     started = time.time()
     try:
         config = config_from_args(args)
-        if config.analysis_level == "participant":
+        if config.reports_only:
+            from .participant import run_reports_only
+
+            code = run_reports_only(config)
+        elif config.analysis_level == "participant":
             from .participant import run_participant_level
 
             code = run_participant_level(config, validate_input)

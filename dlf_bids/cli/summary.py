@@ -10,7 +10,8 @@ from pathlib import Path
 from .. import __version__
 from ..config import Config
 from ..errors import EXIT_OK, EXIT_PROCESSING_FAILED
-from ..run_status import RunStatus, crash_files_of, crash_reason, write_status
+from ..run_status import (RunStatus, crash_files_of, crash_reason, package_versions,
+                          write_status)
 from ..utils.bids import bids_uri
 from .participant import _say, expected_outputs
 
@@ -23,6 +24,7 @@ def summarise(config: Config, anatomicals, skipped, started: float, log_dir: Pat
     t2w_used = "dlf" in config.fusion and dlf_uses_t2w(config, library)
     common = dict(fusion=list(config.fusion), atlases=[f"sub-{a.atlas_id}" for a in library.atlases],
                   registration_preset=config.registration_preset, version=__version__,
+                  packages=package_versions(),
                   dlf_model={"file": config.dlf_model.name, "sha256": model_info.sha256}
                   if model_info is not None else None,
                   started=_iso(started), finished=_iso(time.time()),
@@ -56,6 +58,11 @@ def summarise(config: Config, anatomicals, skipped, started: float, log_dir: Pat
             reason=reasons, **common))
     _say(f"{len(anatomicals) - len(failed)} of {len(anatomicals)} T1w image(s) segmented in "
          f"{time.time() - started:.0f} s; outputs in {config.output_dir}")
+    from ..reports.report import write_reports  # draws figures: matplotlib only when needed
+
+    subjects = {a.subject for a in anatomicals} | {subject for subject, _ in skipped}
+    for report in write_reports(config.output_dir, config.bids_dir, subjects):
+        _say(f"report: {report}")
     return EXIT_PROCESSING_FAILED if failed else EXIT_OK
 
 

@@ -17,8 +17,8 @@ from .labels import LabelTable, write_label_table
 CODE_URL = "https://github.com/dlf-bids/dlf-bids"
 # BIDS has no suffix for a voxelwise uncertainty map: ours is named *_uncertainty and ignored,
 # nor for transforms (BIDS has none yet; fMRIPrep ignores its *_xfm.* the same way).
-# "figures", not "figures/": bids-validator-deno matches the folder itself ("/figures") too and
-# reports it NOT_INCLUDED when the pattern ends in a slash.
+# "figures", not "figures/": bids-validator-deno matches a folder below the root (the reports'
+# sub-<label>/figures/) only with a pattern without the trailing slash.
 BIDSIGNORE = ["logs/", "figures", "*.html", "group_*", ".dlf-bids-staging/", "*_volumes.tsv",
               "*_volumes.json", "*_uncertainty.nii.gz", "*_uncertainty.json", "*_xfm.*"]
 

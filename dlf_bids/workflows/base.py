@@ -11,6 +11,8 @@ from ..interfaces.bids import DerivativesDataSink
 from ..utils.atlas_library import AtlasLibrary
 from ..utils.bids import AnatomicalInput, bids_uri
 from ..interfaces.registration import CoregisterT2w
+from ..interfaces.reports import PublishFigure, RegistrationCheck
+from ..reports.layout import REGISTRATION_FIGURE, figure_path
 from ..resources import plan_for_run
 from .multiatlas import dlf_uses_t2w, init_multiatlas_wf
 from .spaces import init_output_spaces_wf
@@ -61,6 +63,19 @@ def init_single_image_wf(config: Config, anat: AnatomicalInput, library: AtlasLi
     workflow.connect([
         (inputnode, validate, [("t1w", "in_file")]),
         (validate, multiatlas_wf, [("out_file", "inputnode.t1w")]),
+    ])
+    # the registered atlases exist only in the work dir: the report's check is drawn now (it
+    # holds the same images as a registration, hence the same memory)
+    atlas = library.atlases[0]
+    check = pe.Node(RegistrationCheck(atlas_t1w=str(atlas.t1w), atlas_name=f"sub-{atlas.atlas_id}"),
+                    name="registration_check", mem_gb=memory.registration)
+    ds_check = pe.Node(PublishFigure(out_path=str(figure_path(
+        config.output_dir, anat.subject, anat.prefix, REGISTRATION_FIGURE))),
+        name="ds_registration_check", run_without_submitting=True)
+    workflow.connect([
+        (validate, check, [("out_file", "subject_t1w")]),
+        (multiatlas_wf, check, [("outputnode.warped_t1w", "warped_atlas_t1w")]),
+        (check, ds_check, [("out_report", "in_file")]),
     ])
     if use_t2w:
         # T2w scans are rarely in the T1w's space: rigid registration, then the T1w grid
