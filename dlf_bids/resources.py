@@ -29,7 +29,10 @@ MARGIN = 1.25
 FIT_ATLASES, FIT_LABELS = 4, 41  # the configuration the fits were measured in
 
 # (base MiB, bytes per voxel at FIT_ATLASES/FIT_LABELS)
-REGISTRATION = (300.0, 100.0)  # per voxel of fixed + moving image; 421 MiB at 2 mm, 1226 at 1 mm
+# registration: (base MiB, bytes per fixed voxel, bytes per moving voxel); 421 / 1226 / 3157 MiB
+# at (fixed, moving) = (0.62, 0.62), (4.87, 4.87), (16.8, 4.93) M voxels: the deformation fields
+# live on the fixed image's grid
+REGISTRATION = (304.0, 170.0, 29.0)
 MAJORITY_VOTE = (95.0, 40.0)  # 119 / 291 MiB; scales with atlases
 DEEP_LABEL_FUSION = (1395.0, 134.0)  # 1478 / 2049 MiB (torch and the model in the base); labels
 # JLF: (base MiB, bytes per grid voxel, bytes per brain voxel); 806 / 3082 / 5093 MiB at
@@ -58,8 +61,11 @@ def _gb(base_mib: float, per_voxel: float, voxels: int, scale: float = 1.0) -> f
     return MARGIN * (base_mib * MIB + per_voxel * scale * voxels) / 1e9
 
 
-def registration_gb(target_voxels: int, atlas_voxels: int) -> float:
-    return _gb(*REGISTRATION, target_voxels + atlas_voxels)
+def registration_gb(fixed_voxels: int, moving_voxels: int) -> float:
+    """One registration; the fixed image is the subject for atlases, the template for
+    --output-spaces."""
+    base, per_fixed, per_moving = REGISTRATION
+    return _gb(base, per_fixed, fixed_voxels) + _gb(0.0, per_moving, moving_voxels)
 
 
 def fusion_gb(method: str, voxels: int, n_atlases: int, n_labels: int,
@@ -116,7 +122,8 @@ def plan_memory(t1w: Path | str, atlas_t1ws, methods, n_labels: int,
     return MemoryPlan(
         registration=registration_gb(voxels, atlas_voxels),
         fusion={m: fusion_gb(m, voxels, n_atlases, n_labels, brain_voxels) for m in methods},
-        template_registration=max((registration_gb(voxels, n_voxels(t)) for t in template_t1ws),
+        # the subject moves onto the template
+        template_registration=max((registration_gb(n_voxels(t), voxels) for t in template_t1ws),
                                   default=0.0),
     )
 

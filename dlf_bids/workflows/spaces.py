@@ -120,7 +120,7 @@ def _register_node(config: Config, anat: AnatomicalInput, target: OutputSpace) -
         RegisterToTemplate(template_t1w=str(target.t1w), preset=config.registration_preset,
                            seed=config.seed, num_threads=threads),
         name=f"register_{target.template}", n_procs=threads,
-        mem_gb=registration_gb(n_voxels(anat.t1w), n_voxels(target.t1w)))
+        mem_gb=registration_gb(n_voxels(target.t1w), n_voxels(anat.t1w)))  # subject moves
     if target.mask is not None:
         register.inputs.template_mask = str(target.mask)
     return register
