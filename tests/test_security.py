@@ -360,6 +360,23 @@ def test_prepare_environment_with_an_unwritable_home(tmp_path, monkeypatch):
     assert os.environ["TEMPLATEFLOW_AUTOUPDATE"] == "0" and os.environ["NIPYPE_NO_ET"] == "1"
 
 
+def test_prefilled_templateflow_home_in_a_read_only_home_is_kept(tmp_path, monkeypatch):
+    """Singularity binds a read-only home: templates filled in there beforehand must stay
+    visible (moving TEMPLATEFLOW_HOME to a temporary folder would hide them)."""
+    import dlf_bids.cli.environment as environment
+
+    home = tmp_path / "home"
+    _fresh_environment(monkeypatch, str(home))
+    prefilled = home / ".cache" / "templateflow" / "tpl-MNI152NLin2009cAsym"
+    prefilled.mkdir(parents=True)
+    (prefilled / "tpl-MNI152NLin2009cAsym_res-02_T1w.nii.gz").write_bytes(b"x")
+    monkeypatch.setattr(environment, "_usable", lambda folder: False)  # as if read-only
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    environment.prepare_environment()
+    assert "TEMPLATEFLOW_HOME" not in os.environ  # templateflow's default: the filled folder
+    assert Path(os.environ["MPLCONFIGDIR"]).parent.name.startswith("dlf-bids-cache-")
+
+
 NETWORK_GUARD = textwrap.dedent('''\
     """Test harness: every Internet connection attempt is logged and fails (Unix sockets work)."""
     import os

@@ -19,7 +19,8 @@ OFFLINE = {
     # nipype asks rig.mit.edu for a newer version (etelemetry, sending CI details) when the main
     # process builds its first interface; a run must not depend on, or report to, a server
     "NIPYPE_NO_ET": "1",
-    # templateflow may fetch an updated skeleton; dlf-bids uses no TemplateFlow template
+    # templateflow may fetch an updated skeleton; --output-spaces reads templates from
+    # TEMPLATEFLOW_HOME only, never fetching them
     "TEMPLATEFLOW_AUTOUPDATE": "0",
 }
 
@@ -48,6 +49,13 @@ def _usable(folder: Path) -> bool:
     return True
 
 
+def _holds_files(folder: Path) -> bool:
+    try:
+        return folder.is_dir() and any(folder.iterdir())
+    except OSError:
+        return False
+
+
 def prepare_environment() -> None:
     """Turn off network access of the libraries we use; move their caches out of an unwritable home.
 
@@ -59,6 +67,10 @@ def prepare_environment() -> None:
     cache_root = None
     for name, default in _default_caches().items():
         if name in os.environ or _usable(default):
+            continue
+        if name == "TEMPLATEFLOW_HOME" and _holds_files(default):
+            # a read-only home with templates filled in beforehand is how they reach an offline
+            # container: read them there (moving the variable would hide them)
             continue
         if cache_root is None:
             try:
