@@ -85,8 +85,9 @@ class DeepAtlasLosses:
         self.similarity = LocalNormalizedCrossCorrelationLoss(
             spatial_dims=3, kernel_size=config.lncc_kernel, smooth_dr=1e-3 * window)
         self.bending = BendingEnergyLoss()
-        # background included: its channel gives every voxel a gradient. Foreground only learnt
-        # ~4x slower on the phantoms (supervised loss after 40 steps 0.82 vs 0.18 at lr 3e-2)
+        # background included: its channel gives every voxel a gradient. On the phantoms, 40
+        # supervised steps at lr 1e-2 left a foreground-only loss at 0.82, this one at 0.60
+        # (0.18 at lr 3e-2)
         self.dice = DiceLoss(include_background=True)
 
     def registration(self, model: DeepAtlas, moving, target, m_onehot=None, t_onehot=None):
