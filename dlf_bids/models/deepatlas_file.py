@@ -1,0 +1,168 @@
+"""DeepAtlas model files: one ``torch.save`` of a plain dict, loaded with
+``torch.load(weights_only=True)`` (only ints, floats, strings, lists, dicts and tensors), written
+atomically. Same conventions as the Deep Label Fusion files of :mod:`.model_file`, with their
+own format version and a ``model_type`` so neither loader takes the other's file.
+
+Keys (``DEEPATLAS_FORMAT_VERSION`` 1): ``format_version``, ``model_type`` (``"deepatlas"``),
+``package_version``, ``deepatlas_config`` (:meth:`DeepAtlasConfig.to_dict`, whose ``labels`` are
+the channel values), ``state_dict`` (both networks), ``labels`` (dicts ``index``/``name``/
+``abbreviation``/``color`` of channels 1..L-1), ``modalities``, ``volume_shape`` (the training
+grid), ``voxel_size`` (mm, or None), ``normalisation`` (``"volume-zscore-nonzero"``),
+``train_settings`` (dict, e.g. with the loss history), ``created`` (ISO-8601 UTC).
+
+This module must stay free of nipype and of ``dlf_bids.interfaces`` / ``dlf_bids.workflows``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import BadDataError, UsageError
+from ..utils.files import atomic_open
+from .deepatlas import DeepAtlas, DeepAtlasConfig
+from .deepatlas_inference import NORMALISATION
+from .model_file import _first_line, _labels_to_dicts, _plain, _refusal, model_hash
+
+__all__ = ["DEEPATLAS_FORMAT_VERSION", "DeepAtlasInfo", "load_deepatlas", "save_deepatlas"]
+
+#: Newest DeepAtlas file layout this version writes and reads.
+DEEPATLAS_FORMAT_VERSION = 1
+MODEL_TYPE = "deepatlas"
+_REQUIRED = ("format_version", "model_type", "deepatlas_config", "state_dict", "labels", "modalities")
+
+
+@dataclass
+class DeepAtlasInfo:
+    """Everything in a DeepAtlas file but the weights."""
+
+    format_version: int
+    package_version: str
+    config: DeepAtlasConfig
+    labels: list[dict]
+    modalities: list[str]
+    volume_shape: tuple[int, ...] | None = None
+    voxel_size: float | None = None
+    normalisation: str = NORMALISATION
+    train_settings: dict = field(default_factory=dict)
+    created: str = ""
+    path: str | None = None
+    sha256: str | None = None
+
+
+def _label_dicts(config: DeepAtlasConfig, labels) -> list[dict]:
+    """The file's label list: ``labels`` (LabelTable / Labels / dicts) checked against the
+    config's channel values, or, without names, one bare entry per channel value."""
+    if labels is None:
+        if config.labels is None:
+            raise ValueError("the model's config lists no label values and no labels were given")
+        labels = [{"index": v} for v in config.labels[1:]]
+    out = _labels_to_dicts(labels)
+    values = (0, *(d["index"] for d in out))
+    if config.labels is not None and values != config.labels:
+        raise ValueError(f"labels {values[1:]} do not match the network's channels {config.labels[1:]}")
+    if len(values) != config.n_labels:
+        raise ValueError(f"{len(out)} labels + background but the network has {config.n_labels} channels")
+    return out
+
+
+def save_deepatlas(path, model: DeepAtlas, meta: Mapping | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically. ``meta`` (all optional): ``labels`` (names for the
+    channels; bare values from the config otherwise), ``modalities`` (default: the config's, or
+    ``T1w``/``T2w`` by channel count), ``volume_shape``, ``voxel_size``, ``train_settings``,
+    ``created``. :class:`ValueError` when the metadata does not match the network."""
+    meta = dict(meta or {})
+    cfg = model.config
+    labels = _label_dicts(cfg, meta.get("labels"))
+    modalities = meta.get("modalities") or cfg.modalities or ("T1w", "T2w")[:cfg.in_channels]
+    modalities = [str(m) for m in modalities]
+    if len(modalities) != cfg.in_channels:
+        raise ValueError(f"{len(modalities)} modalities but the network takes {cfg.in_channels} channels")
+    shape = meta.get("volume_shape")
+    voxel = meta.get("voxel_size")
+    payload = {
+        "format_version": DEEPATLAS_FORMAT_VERSION,
+        "model_type": MODEL_TYPE,
+        "package_version": __version__,
+        "deepatlas_config": _plain(cfg.to_dict()),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "labels": labels,
+        "modalities": modalities,
+        "volume_shape": None if shape is None else [int(n) for n in shape],
+        "voxel_size": None if voxel is None else float(voxel),
+        "normalisation": NORMALISATION,
+        "train_settings": _plain(dict(meta.get("train_settings") or {})),
+        "created": str(meta.get("created")
+                       or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, binary=True) as fh:
+        torch.save(payload, fh)
+    return path
+
+
+def _read_info(payload, path: Path) -> DeepAtlasInfo:
+    where = f"model file {path}"
+    if not isinstance(payload, Mapping) or payload.get("model_type") != MODEL_TYPE:
+        raise BadDataError(f"{where} is not a DeepAtlas model")
+    missing = [k for k in _REQUIRED if k not in payload]
+    if missing:
+        raise BadDataError(f"{where} is not a DeepAtlas model (missing {', '.join(missing)})")
+    version = payload["format_version"]
+    if not isinstance(version, int) or version < 1:
+        raise BadDataError(f"{where} has an invalid format_version {version!r}")
+    if version > DEEPATLAS_FORMAT_VERSION:
+        raise BadDataError(f"{where} has DeepAtlas format version {version}, this dlf-bids ({__version__}) "
+                           f"reads up to {DEEPATLAS_FORMAT_VERSION}: upgrade dlf-bids")
+    if payload.get("normalisation", NORMALISATION) != NORMALISATION:
+        raise BadDataError(f"{where} uses normalisation {payload['normalisation']!r}; only {NORMALISATION!r}")
+    try:
+        config = DeepAtlasConfig.from_dict(dict(payload["deepatlas_config"]))
+        labels = _label_dicts(config, payload["labels"])
+        modalities = [str(m) for m in payload["modalities"]]
+        if len(modalities) != config.in_channels:
+            raise ValueError(f"{len(modalities)} modalities for {config.in_channels} input channels")
+        shape = payload.get("volume_shape")
+        voxel = payload.get("voxel_size")
+        return DeepAtlasInfo(
+            format_version=version, package_version=str(payload.get("package_version", "")), config=config,
+            labels=labels, modalities=modalities, volume_shape=None if shape is None else tuple(int(n) for n in shape),
+            voxel_size=None if voxel is None else float(voxel),
+            train_settings=dict(payload.get("train_settings") or {}), created=str(payload.get("created", "")),
+            path=str(path),
+        )
+    except (TypeError, ValueError, KeyError) as exc:
+        raise BadDataError(f"{where} has invalid metadata: {exc}") from None
+
+
+def load_deepatlas(path, device="cpu") -> tuple[DeepAtlas, DeepAtlasInfo]:
+    """``(DeepAtlas in eval mode on device, DeepAtlasInfo)``. One-line refusals:
+    :class:`UsageError` (no such file), :class:`BadDataError` (not a DeepAtlas model, content
+    other than plain data, newer format, weights not matching the configuration)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"model file {path} does not exist")
+    try:
+        # weights_only: a pickle that would import or call anything is refused before it runs
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
+            raise _refusal(path, exc) from None
+        raise BadDataError(f"model file {path} cannot be read as a model: {_first_line(exc)}") from None
+    info = _read_info(payload, path)
+    model = DeepAtlas(info.config)
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise BadDataError(f"model file {path}: weights do not match its configuration "
+                           f"({_first_line(exc)})") from None
+    model = model.to(device).eval()
+    info.sha256 = model_hash(path)
+    return model, info
