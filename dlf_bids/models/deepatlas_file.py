@@ -16,7 +16,6 @@ This module must stay free of nipype and of ``dlf_bids.interfaces`` / ``dlf_bids
 from __future__ import annotations
 
 import datetime as _dt
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +23,11 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..errors import BadDataError, UsageError
+from ..errors import BadDataError
 from ..utils.files import atomic_open
 from .deepatlas import DeepAtlas, DeepAtlasConfig
 from .deepatlas_inference import NORMALISATION
-from .model_file import _first_line, _labels_to_dicts, _plain, _refusal, model_hash
+from .model_file import _labels_to_dicts, _plain, load_weights, model_hash, read_payload
 
 __all__ = ["DEEPATLAS_FORMAT_VERSION", "DeepAtlasInfo", "load_deepatlas", "save_deepatlas"]
 
@@ -147,22 +146,10 @@ def load_deepatlas(path, device="cpu") -> tuple[DeepAtlas, DeepAtlasInfo]:
     :class:`UsageError` (no such file), :class:`BadDataError` (not a DeepAtlas model, content
     other than plain data, newer format, weights not matching the configuration)."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"model file {path} does not exist")
-    try:
-        # weights_only: a pickle that would import or call anything is refused before it runs
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
-            raise _refusal(path, exc) from None
-        raise BadDataError(f"model file {path} cannot be read as a model: {_first_line(exc)}") from None
+    payload = read_payload(path)
     info = _read_info(payload, path)
     model = DeepAtlas(info.config)
-    try:
-        model.load_state_dict(payload["state_dict"], strict=True)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        raise BadDataError(f"model file {path}: weights do not match its configuration "
-                           f"({_first_line(exc)})") from None
+    load_weights(model, payload["state_dict"], path)
     model = model.to(device).eval()
     info.sha256 = model_hash(path)
     return model, info

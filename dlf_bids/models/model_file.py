@@ -41,7 +41,9 @@ __all__ = [
     "ModelInfo",
     "check_model_fits",
     "load_model",
+    "load_weights",
     "model_hash",
+    "read_payload",
     "save_model",
 ]
 
@@ -266,30 +268,41 @@ def _refusal(path: Path, exc: pickle.UnpicklingError) -> BadDataError:
                         f"plain values only ({detail or 'unsupported pickle content'})")
 
 
+def read_payload(path: Path) -> dict:
+    """The plain dict of a model file (any dlf-bids model type), or a one-line refusal:
+    :class:`UsageError` (no such file) / :class:`BadDataError` (unreadable, or holding code)."""
+    if not path.is_file():
+        raise UsageError(f"model file {path} does not exist")
+    try:
+        # weights_only: a model file is data; a pickle that would import or call anything (the
+        # way a crafted file runs code on load) is refused before any of it executes
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
+            raise _refusal(path, exc) from None
+        raise BadDataError(f"model file {path} cannot be read as a dlf-bids model: "
+                           f"{_first_line(exc)}") from None
+
+
+def load_weights(model: torch.nn.Module, state_dict, path: Path) -> None:
+    """``model.load_state_dict(strict=True)``, a mismatch as a one-line :class:`BadDataError`."""
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise BadDataError(f"model file {path}: weights do not match its configuration "
+                           f"({_first_line(exc)})") from None
+
+
 def load_model(path, device="cpu") -> tuple[DeepLabelFusion, ModelInfo]:
     """Load a model file: ``(DeepLabelFusion in eval mode on device, ModelInfo)``.
 
     Refusals are one-line :class:`UsageError` (no such file) / :class:`BadDataError` (not a model,
     content other than plain data, newer format, weights not matching the configuration)."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"model file {path} does not exist")
-    try:
-        # weights_only: a model file is data; a pickle that would import or call anything (the
-        # way a crafted file runs code on load) is refused before any of it executes
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
-            raise _refusal(path, exc) from None
-        raise BadDataError(f"model file {path} cannot be read as a dlf-bids model: "
-                           f"{_first_line(exc)}") from None
+    payload = read_payload(path)
     info = read_model_info(payload, path)
     model = DeepLabelFusion(info.dlf_config)
-    try:
-        model.load_state_dict(payload["state_dict"], strict=True)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        raise BadDataError(f"model file {path}: weights do not match its configuration "
-                           f"({_first_line(exc)})") from None
+    load_weights(model, payload["state_dict"], path)
     if device is not None:
         model = model.to(device)
     model.eval()
