@@ -75,3 +75,14 @@ def plugin_settings(plugin: str, file_args: dict | None, nprocs: int, mem_gb: fl
     if status_callback is not None:
         args["status_callback"] = status_callback
     return plugin, args
+
+
+def quiet_nipype(verbose: int = 0) -> None:
+    """Nipype's workflow/interface logging at WARNING unless ``verbose``: its import resets them to
+    INFO (its own config), so this runs after nipype is imported, before a workflow runs."""
+    from nipype import config as ncfg
+    from nipype import logging as nlogging
+
+    level = "INFO" if verbose else "WARNING"
+    ncfg.update_config({"logging": {"workflow_level": level, "interface_level": level}})
+    nlogging.update_logging(ncfg)

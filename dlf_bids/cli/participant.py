@@ -121,7 +121,8 @@ def _first_reasons(skipped, most: int = 3) -> str:
 
 def _configure_nipype(config: Config) -> Path:
     from nipype import config as ncfg
-    from nipype import logging as nlogging
+
+    from ..execution import quiet_nipype
 
     log_dir = config.output_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -133,10 +134,8 @@ def _configure_nipype(config: Config) -> Path:
             "remove_unnecessary_outputs": False,
             "hash_method": "content",
         },
-        "logging": {"workflow_level": "INFO" if config.verbose else "WARNING",
-                    "interface_level": "INFO" if config.verbose else "WARNING"},
     })
-    nlogging.update_logging(ncfg)
+    quiet_nipype(config.verbose)
     return log_dir
 
 
