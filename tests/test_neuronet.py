@@ -305,7 +305,7 @@ def test_collapse_of_real_aseg_values():
     assert collapse_labels(np.array([[100000, 0]]), {5: [100000]}).tolist() == [[5, 0]]
     with pytest.raises(ValueError, match="both"):
         collapse_labels(np.array([3]), {1: [3], 2: [3]})
-    with pytest.raises(BadDataError, match="not among its classes"):
+    with pytest.raises(BadDataError, match="1000 that are not in the label table"):
         builtin_protocol("aseg").make_label_map(np.array([0, 2, 1000]))
 
 

@@ -39,6 +39,8 @@ from monai.networks.blocks import Convolution, UpSample
 from monai.networks.blocks.segresnet_block import ResBlock
 from torch import nn
 
+from .inference import resolve_device
+
 __all__ = [
     "NORMALISATION",
     "NeuroNet",
@@ -214,11 +216,13 @@ def predict_volume(
     it with ``roi_size`` windows (default: the model's crop size) and ``overlap`` (0.5 = the
     paper's stride of half a window), averaging each protocol's softmax; an image smaller than a
     window is padded with 0 (the mean, after the z-score) and cropped back. ``channel_values``
-    (protocol → label value per channel) turns the argmax into label values."""
+    (protocol → label value per channel) turns the argmax into label values. ``device``: ``"cpu"``,
+    ``"cuda[:N]"`` or ``"auto"``; the probabilities are accumulated on the CPU either way."""
     arr = np.asarray(image, dtype=np.float32)
     if arr.ndim == 3:
         arr = arr[None]
     roi = tuple(int(r) for r in (roi_size or model.config.crop_size))
+    device = resolve_device(device)
     model = model.to(device).eval()
 
     def predictor(window: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -227,7 +231,7 @@ def predict_volume(
     inputs = torch.from_numpy(zscore_volume(arr)).unsqueeze(0)
     with torch.inference_mode():
         probs = sliding_window_inference(inputs, roi, sw_batch_size, predictor, overlap=overlap,
-                                         mode="constant", sw_device=torch.device(device),
+                                         mode="constant", sw_device=device,
                                          device=torch.device("cpu"), progress=progress)
     out = {}
     for name in model.config.protocol_classes:  # decoder order (MONAI returns the dict reordered)

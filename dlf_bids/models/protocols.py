@@ -35,6 +35,7 @@ import yaml
 
 from ..errors import BadDataError
 from ..utils.labels import Label, LabelTable, read_label_table
+from .inference import labels_to_channels
 from .model_file import _labels_to_dicts
 
 __all__ = [
@@ -172,11 +173,9 @@ class Protocol:
     def make_label_map(self, source_map) -> np.ndarray:
         """The protocol's label map (class values, ``int16``) from its source's label map."""
         if self.recipe.kind == "labels":
-            arr = np.asarray(source_map)
-            bad = sorted(set(np.unique(arr).tolist()) - {0, *self.classes.indices})
-            if bad:
-                raise BadDataError(f"protocol {self.name}: label value(s) {bad[:20]} are not among its classes")
-            return arr.astype(np.int16)
+            # only to refuse values outside the classes (BadDataError), with a look-up table
+            labels_to_channels(source_map, self.channel_values, f"protocol {self.name}: label map")
+            return np.asarray(source_map).astype(np.int16)
         return collapse_labels(source_map, self.recipe.map_dict)
 
     def to_dict(self) -> dict:
