@@ -303,6 +303,9 @@ def test_collapse_of_real_aseg_values():
     with pytest.raises(BadDataError, match="-1 are not covered"):  # the sorting path
         collapse_labels(np.array([0, 3, -1]), ASEG_TO_TISSUE)
     assert collapse_labels(np.array([[100000, 0]]), {5: [100000]}).tolist() == [[5, 0]]
+    assert collapse_labels(np.array([[7, 0]]), {5: [7], 2: [-3]}).tolist() == [[5, 0]]
+    with pytest.raises(BadDataError, match="value.s. 5 are not covered"):  # -3 is not index -3 of a table
+        collapse_labels(np.array([7, 0, 5]), {5: [7], 2: [-3]})
     with pytest.raises(ValueError, match="both"):
         collapse_labels(np.array([3]), {1: [3], 2: [3]})
     with pytest.raises(BadDataError, match="1000 that are not in the label table"):

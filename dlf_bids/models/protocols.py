@@ -77,8 +77,8 @@ def collapse_labels(label_map, mapping: Mapping[int, Iterable[int]]) -> np.ndarr
     if arr.size == 0:
         return np.zeros(arr.shape, np.int16)
     lo, hi = int(arr.min()), int(arr.max())
-    if lo >= 0 and hi < 1 << 16:  # a dense look-up table: a 256³ aseg in ~0.1 s, no sort
-        dense = np.full(max(hi, max(lut)) + 1, -1, dtype=np.int32)
+    if 0 <= min(lo, *lut) and max(hi, *lut) < 1 << 16:  # a dense look-up table: no sort
+        dense = np.full(max(hi, *lut) + 1, -1, dtype=np.int32)
         dense[list(lut)] = list(lut.values())
         out = dense[arr]
         if (out < 0).any():
