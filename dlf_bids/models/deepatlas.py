@@ -22,13 +22,14 @@ This module must stay free of nipype and of ``dlf_bids.interfaces`` / ``dlf_bids
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from monai.networks.blocks import DVF2DDF, Warp
 from monai.networks.nets import DynUNet
 from torch import nn
 
+from .config_dict import DictConfig
 from .unet import DEFAULT_ACT, DEFAULT_NORM
 
 __all__ = [
@@ -50,7 +51,7 @@ DEFAULT_LAMBDA_R = 7.5 * (2.0 / 128.0) ** 2
 
 
 @dataclass
-class DeepAtlasConfig:
+class DeepAtlasConfig(DictConfig):
     """Hyper-parameters of both networks and of the losses (JSON-serialisable via :meth:`to_dict`).
 
     ``in_channels``: 1 (T1w) or 2 (T1w + T2w). ``n_labels`` counts the background. ``labels`` is
@@ -98,17 +99,6 @@ class DeepAtlasConfig:
     def size_divisor(self) -> int:
         """Every volume dimension must be a multiple of this (the deeper network's downsampling)."""
         return 2 ** (max(len(self.reg_channels), len(self.seg_channels)) - 1)
-
-    def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> DeepAtlasConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise a :class:`ValueError`."""
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown DeepAtlasConfig keys: {unknown}")
-        return cls(**data)
 
 
 def _unet(in_channels: int, out_channels: int, channels: tuple[int, ...]) -> DynUNet:

@@ -27,7 +27,8 @@ from ..errors import BadDataError
 from ..utils.files import atomic_open
 from .deepatlas import DeepAtlas, DeepAtlasConfig
 from .deepatlas_inference import NORMALISATION
-from .model_file import _labels_to_dicts, _plain, load_weights, model_hash, read_payload
+from .model_file import (_labels_to_dicts, _plain, check_header, load_weights, model_hash,
+                         read_payload)
 
 __all__ = ["DEEPATLAS_FORMAT_VERSION", "DeepAtlasInfo", "load_deepatlas", "save_deepatlas"]
 
@@ -109,17 +110,8 @@ def save_deepatlas(path, model: DeepAtlas, meta: Mapping | None = None) -> Path:
 
 def _read_info(payload, path: Path) -> DeepAtlasInfo:
     where = f"model file {path}"
-    if not isinstance(payload, Mapping) or payload.get("model_type") != MODEL_TYPE:
-        raise BadDataError(f"{where} is not a DeepAtlas model")
-    missing = [k for k in _REQUIRED if k not in payload]
-    if missing:
-        raise BadDataError(f"{where} is not a DeepAtlas model (missing {', '.join(missing)})")
-    version = payload["format_version"]
-    if not isinstance(version, int) or version < 1:
-        raise BadDataError(f"{where} has an invalid format_version {version!r}")
-    if version > DEEPATLAS_FORMAT_VERSION:
-        raise BadDataError(f"{where} has DeepAtlas format version {version}, this dlf-bids ({__version__}) "
-                           f"reads up to {DEEPATLAS_FORMAT_VERSION}: upgrade dlf-bids")
+    version = check_header(payload, where, "DeepAtlas", _REQUIRED, DEEPATLAS_FORMAT_VERSION,
+                           lambda payload: payload.get("model_type") == MODEL_TYPE)
     if payload.get("normalisation", NORMALISATION) != NORMALISATION:
         raise BadDataError(f"{where} uses normalisation {payload['normalisation']!r}; only {NORMALISATION!r}")
     try:

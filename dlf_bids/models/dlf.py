@@ -58,13 +58,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import DynUNet
 from torch import nn
 
+from .config_dict import DictConfig
 from .unet import DEFAULT_ACT, DEFAULT_NORM, DeepSupervisionUNet
 
 __all__ = [
@@ -86,7 +87,7 @@ __all__ = [
 # configuration
 # --------------------------------------------------------------------------------------------
 @dataclass
-class DLFConfig:
+class DLFConfig(DictConfig):
     """Hyper-parameters of :class:`DeepLabelFusion` (JSON-serialisable via :meth:`to_dict`).
 
     ``n_labels`` counts the background (channel 0). ``labels`` / ``modalities`` are optional
@@ -156,19 +157,6 @@ class DLFConfig:
     def size_divisor(self) -> int:
         """Every patch dimension must be a multiple of this (8 for the default config)."""
         return 2 ** (max(len(self.wv_channels), len(self.ft_channels)) - 1)
-
-    def to_dict(self) -> dict:
-        """Plain JSON-compatible dict (tuples become lists)."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> DLFConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise a :class:`ValueError`."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown DLFConfig keys: {unknown}")
-        return cls(**data)
 
 
 # --------------------------------------------------------------------------------------------

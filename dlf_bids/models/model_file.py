@@ -40,6 +40,7 @@ __all__ = [
     "ModalityPlan",
     "ModelInfo",
     "check_model_fits",
+    "check_header",
     "load_model",
     "load_weights",
     "model_hash",
@@ -197,23 +198,32 @@ def model_hash(path) -> str:
     return digest.hexdigest()
 
 
-def read_model_info(payload: Mapping, path=None) -> ModelInfo:
-    """Validate a loaded model-file dict and return its metadata."""
-    where = f"model file {path}" if path is not None else "model file"
-    if not isinstance(payload, Mapping):
-        raise BadDataError(f"{where} is not a dlf-bids model (no metadata dict)")
-    missing = [k for k in _REQUIRED if k not in payload]
+def check_header(payload, where: str, kind: str, required, newest: int,
+                 is_kind=lambda payload: True) -> int:
+    """The checks every model file passes before its content is read: a dict of ``kind``
+    (``is_kind``), with the ``required`` keys, a format version this dlf-bids reads (at most
+    ``newest``). Returns the version; refusals are one-line :class:`BadDataError`."""
+    if not isinstance(payload, Mapping) or not is_kind(payload):
+        raise BadDataError(f"{where} is not a {kind} model")
+    missing = [k for k in required if k not in payload]
     if missing:
-        raise BadDataError(f"{where} is not a dlf-bids model (missing {', '.join(missing)})")
+        raise BadDataError(f"{where} is not a {kind} model (missing {', '.join(missing)})")
     version = payload["format_version"]
     if not isinstance(version, int) or version < 1:
         raise BadDataError(f"{where} has an invalid format_version {version!r}")
-    if version > FORMAT_VERSION:
+    if version > newest:
         raise BadDataError(
             f"{where} has format version {version}, this dlf-bids ({__version__}) reads up to "
-            f"{FORMAT_VERSION}: upgrade dlf-bids (the file was written by "
+            f"{newest}: upgrade dlf-bids (the file was written by "
             f"{payload.get('package_version', 'a newer version')})"
         )
+    return version
+
+
+def read_model_info(payload: Mapping, path=None) -> ModelInfo:
+    """Validate a loaded model-file dict and return its metadata."""
+    where = f"model file {path}" if path is not None else "model file"
+    version = check_header(payload, where, "dlf-bids", _REQUIRED, FORMAT_VERSION)
     try:
         config = DLFConfig.from_dict(dict(payload["dlf_config"]))
         labels = _labels_to_dicts(payload["labels"])

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,6 +38,8 @@ from monai.inferers import sliding_window_inference
 from monai.networks.blocks import Convolution, UpSample
 from monai.networks.blocks.segresnet_block import ResBlock
 from torch import nn
+
+from .config_dict import DictConfig
 
 from .inference import resolve_device
 
@@ -57,7 +59,7 @@ _ACT = ("RELU", {"inplace": True})
 
 
 @dataclass
-class NeuroNetConfig:
+class NeuroNetConfig(DictConfig):
     """Hyper-parameters of :class:`NeuroNet` (JSON-serialisable via :meth:`to_dict`).
 
     ``protocol_classes``: protocol name → number of classes, background included, in decoder
@@ -100,18 +102,6 @@ class NeuroNetConfig:
     def size_divisor(self) -> int:
         """Input sizes must be multiples of this so down- and upsampling round-trip exactly."""
         return math.prod(self.strides)
-
-    def to_dict(self) -> dict:
-        """Plain JSON-compatible dict (tuples become lists)."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> NeuroNetConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise a :class:`ValueError`."""
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown NeuroNetConfig keys: {unknown}")
-        return cls(**data)
 
 
 class _Decoder(nn.Module):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import pickle
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from .. import __version__
 from ..errors import BadDataError, UsageError
 from ..utils.files import atomic_open
 from .inference import labels_to_channels, pad_amounts, resolve_device
-from .model_file import _first_line, _plain, _refusal, model_hash
+from .model_file import _first_line, _plain, check_header, load_weights, model_hash, read_payload
 from .neuronet import NORMALISATION, NeuroNet, NeuroNetConfig, zscore_volume
 from .protocols import Protocol
 from .training import modaug
@@ -251,17 +250,8 @@ def save_neuronet(path, model: NeuroNet, protocols: Sequence[Protocol], modaliti
 
 def _read_info(payload, path: Path) -> NeuroNetInfo:
     where = f"model file {path}"
-    if not isinstance(payload, Mapping) or payload.get("format") != FORMAT_NAME:
-        raise BadDataError(f"{where} is not a dlf-bids NeuroNet model")
-    missing = [k for k in _REQUIRED if k not in payload]
-    if missing:
-        raise BadDataError(f"{where} is not a complete NeuroNet model (missing {', '.join(missing)})")
-    version = payload["format_version"]
-    if not isinstance(version, int) or version < 1:
-        raise BadDataError(f"{where} has an invalid format_version {version!r}")
-    if version > FORMAT_VERSION:
-        raise BadDataError(f"{where} has NeuroNet format version {version}, this dlf-bids ({__version__}) "
-                           f"reads up to {FORMAT_VERSION}: upgrade dlf-bids")
+    version = check_header(payload, where, "dlf-bids NeuroNet", _REQUIRED, FORMAT_VERSION,
+                           lambda payload: payload.get("format") == FORMAT_NAME)
     if payload.get("normalisation", NORMALISATION) != NORMALISATION:
         raise BadDataError(f"{where} uses normalisation {payload['normalisation']!r}; only {NORMALISATION!r}")
     try:
@@ -283,22 +273,10 @@ def load_neuronet(path, device="cpu") -> tuple[NeuroNet, NeuroNetInfo]:
     :class:`UsageError` (no such file) / :class:`BadDataError` (not a NeuroNet file, code in the
     pickle, a newer format, weights not matching the configuration)."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"model file {path} does not exist")
-    try:
-        # weights_only: a pickle that would import or call anything is refused before it runs
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
-            raise _refusal(path, exc) from None
-        raise BadDataError(f"model file {path} cannot be read: {_first_line(exc)}") from None
+    payload = read_payload(path)
     info = _read_info(payload, path)
     model = NeuroNet(info.config)
-    try:
-        model.load_state_dict(payload["state_dict"], strict=True)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        raise BadDataError(f"model file {path}: weights do not match its configuration "
-                           f"({_first_line(exc)})") from None
+    load_weights(model, payload["state_dict"], path)
     info.sha256 = model_hash(path)
     return model.to(device).eval(), info
 
