@@ -36,11 +36,11 @@ def tree(root_pid: int) -> list[int]:
         except (OSError, IndexError, ValueError):
             continue  # the process ended meanwhile
         children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root_pid]
-    while todo:
-        pid = todo.pop()
+    found, pending = [], [root_pid]
+    while pending:
+        pid = pending.pop()
         found.append(pid)
-        todo += children.get(pid, [])
+        pending += children.get(pid, [])
     return found
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
+from .utils.images import voxel_volume_mm3
+
 MIB = 2**20
 MARGIN = 1.25
 FIT_ATLASES, FIT_LABELS = 4, 41  # the configuration the fits were measured in
@@ -46,7 +48,7 @@ BRAIN_MARGIN = 1.2  # the JLF mask is dilated beyond the labelled voxels
 def labelled_mm3(dseg: str) -> float:
     """Volume (mm³) of the labelled voxels of a label map (read once per file and process)."""
     img = nb.load(dseg)
-    return float(np.count_nonzero(np.asanyarray(img.dataobj))) * abs(np.linalg.det(img.affine[:3, :3]))
+    return float(np.count_nonzero(np.asanyarray(img.dataobj))) * voxel_volume_mm3(img)
 # label volumes of one map: 74 / 310 MiB at 128^3 / 256^3 voxels measured without Nipype, whose
 # ~150 MiB are added to the base
 LABEL_VOLUMES = (190.0, 17.0)
@@ -115,7 +117,7 @@ def plan_memory(t1w: Path | str, atlas_t1ws, methods, n_labels: int,
     voxels = n_voxels(t1w)
     brain_voxels = None
     if atlas_dsegs:
-        target_voxel_mm3 = abs(np.linalg.det(nb.load(str(t1w)).affine[:3, :3]))
+        target_voxel_mm3 = voxel_volume_mm3(nb.load(str(t1w)))
         brain_voxels = int(BRAIN_MARGIN * labelled_mm3(str(atlas_dsegs[0])) / target_voxel_mm3)
     atlas_voxels = max(n_voxels(a) for a in atlas_t1ws)
     n_atlases = len(atlas_t1ws)

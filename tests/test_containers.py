@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dlf_bids import __version__
-from dlf_bids.cli.environment import OFFLINE
+from dlf_bids import OFFLINE
 from dlf_bids.utils.derivatives import write_dataset_description
 
 spython_parsers = pytest.importorskip("spython.main.parse.parsers")

@@ -13,16 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .. import OFFLINE  # the one list; the package applies it on import too
 from ..utils.files import probe_writable_dir
 
-OFFLINE = {
-    # nipype asks rig.mit.edu for a newer version (etelemetry, sending CI details) when the main
-    # process builds its first interface; a run must not depend on, or report to, a server
-    "NIPYPE_NO_ET": "1",
-    # templateflow may fetch an updated skeleton; --output-spaces reads templates from
-    # TEMPLATEFLOW_HOME only, never fetching them
-    "TEMPLATEFLOW_AUTOUPDATE": "0",
-}
 
 
 def _user_dir(xdg_var: str, fallback: str) -> Path:

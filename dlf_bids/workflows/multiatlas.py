@@ -10,10 +10,8 @@ from nipype.pipeline import engine as pe
 from ..config import Config
 from ..interfaces.fusion import DeepLabelFusion, JointLabelFusion, MajorityVote
 from ..interfaces.registration import RegisterAtlas
-from ..resources import MemoryPlan, fusion_gb, registration_gb
+from ..resources import MemoryPlan
 from ..utils.atlas_library import AtlasLibrary
-
-ONE_MM_BRAIN = 157 * 156 * 199  # voxels of a brain-cropped 1 mm T1w (fs-training sub-01)
 
 FUSION_INTERFACES = {"mv": MajorityVote, "jlf": JointLabelFusion, "dlf": DeepLabelFusion}
 
@@ -51,11 +49,11 @@ def init_register_atlases_node(atlases, preset: str, seed: int, threads: int, wa
 
 
 def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multiatlas_wf",
-                       subject_has_t2w: bool = False, memory: MemoryPlan | None = None):
+                       subject_has_t2w: bool = False, *, memory: MemoryPlan):
     """Build the registration + fusion workflow for one T1w image.
 
-    ``memory`` (:func:`dlf_bids.resources.plan_memory` of this T1w) sets each node's ``mem_gb``,
-    which MultiProc schedules by; without it, the sizes of a 1 mm brain are assumed.
+    ``memory`` (:func:`dlf_bids.resources.plan_for_run` of this T1w) sets each node's ``mem_gb``,
+    which MultiProc schedules by.
 
     Inputs
     ------
@@ -82,10 +80,6 @@ def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multi
     warp_t2w = dlf_uses_t2w(config, library)
     threads = config.threads_per_process
 
-    if memory is None:
-        memory = MemoryPlan(registration_gb(ONE_MM_BRAIN, ONE_MM_BRAIN),
-                            {m: fusion_gb(m, ONE_MM_BRAIN, len(library.atlases),
-                                          len(library.labels.indices)) for m in config.fusion})
     register = init_register_atlases_node(library.atlases, config.registration_preset, config.seed,
                                           config.registration_threads, warp_t2w,
                                           mem_gb=memory.registration)
