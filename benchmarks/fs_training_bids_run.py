@@ -43,8 +43,16 @@ def make_bids(root: Path) -> Path:
     return bids
 
 
-def main(argv=None) -> int:
+def make_library(library: Path, atlases) -> Path:
+    """The fs-training ``atlases`` as a brain-cropped 1 mm atlas library (made once, then reused)."""
     from dlf_bids.cli.fs2atlas import main as fs2atlas
+
+    if not library.exists():
+        fs2atlas([str(SHARED / f"sub-{a}") for a in atlases] + ["--library", str(library), "--brain-only"])
+    return library
+
+
+def main(argv=None) -> int:
     from dlf_bids.cli.run import main as dlf_bids
     from dlf_bids.evaluation import mean_dice
     from dlf_bids.utils.validator import validate_dataset
@@ -59,9 +67,7 @@ def main(argv=None) -> int:
         return 66
     out = args.out.absolute()
     bids = make_bids(out)
-    library = out / "atlases"
-    if not library.exists():
-        fs2atlas([str(SHARED / f"sub-{a}") for a in ATLASES] + ["--library", str(library), "--brain-only"])
+    library = make_library(out / "atlases", ATLASES)
     deriv = out / "derivatives"
     t0 = time.time()
     code = dlf_bids([str(bids), str(deriv), "participant", "--atlas-dir", str(library), "--fusion",

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fs_training_bids_run import ATLASES, SHARED, make_bids  # noqa: E402  (sibling script)
+from fs_training_bids_run import ATLASES, SHARED, make_bids, make_library  # noqa: E402  (sibling script)
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -72,7 +72,6 @@ def run_sampled(cmd: list[str], log: Path):
 
 
 def main(argv=None) -> int:
-    from dlf_bids.cli.fs2atlas import main as fs2atlas
     from dlf_bids.resources import plan_memory
     from dlf_bids.utils.atlas_library import load_atlas_library
 
@@ -89,10 +88,7 @@ def main(argv=None) -> int:
         return 66
     out = args.out.absolute()
     bids = make_bids(out)
-    library_dir = out / f"atlases-{args.atlases}"
-    if not library_dir.exists():
-        fs2atlas([str(SHARED / f"sub-{a}") for a in ATLASES[: args.atlases]]
-                 + ["--library", str(library_dir), "--brain-only"])
+    library_dir = make_library(out / f"atlases-{args.atlases}", ATLASES[: args.atlases])
     library = load_atlas_library(library_dir)
     t1w = bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
     plan = plan_memory(t1w, [a.t1w for a in library.atlases], args.fusion,
