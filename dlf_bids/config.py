@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .fusion import FUSION_METHODS
-from .registration import REGISTRATION_PRESETS
+from .registration import REGISTRATION_ENGINES, REGISTRATION_PRESETS
 from .templates import OutputSpace
 
 
@@ -25,7 +25,9 @@ class Config:
     bids_filters: dict | None = field(default=None, hash=False)
     bids_database_dir: Path | None = None
     fusion: tuple[str, ...] = ("jlf",)
-    registration_preset: str = "quick"
+    registration_preset: str = "quick"  # ANTs preset (--registration ants)
+    registration: str = "ants"  # atlas-to-subject engine: ants or deepatlas
+    deepatlas_model: Path | None = None  # trained DeepAtlas model (dlf-bids-train-deepatlas)
     dlf_model: Path | None = None  # trained Deep Label Fusion model (dlf-bids-train)
     device: str = "auto"  # where DLF runs: auto (GPU when there is one), cpu or cuda
     dlf_force: bool = False  # feed noise for a missing modality even without ModAug
@@ -52,6 +54,10 @@ class Config:
             raise ValueError(f"unknown fusion method(s) {sorted(unknown)}")
         if self.registration_preset not in REGISTRATION_PRESETS:
             raise ValueError(f"unknown registration preset {self.registration_preset!r}")
+        if self.registration not in REGISTRATION_ENGINES:
+            raise ValueError(f"unknown registration engine {self.registration!r}")
+        if self.registration == "deepatlas" and self.deepatlas_model is None:
+            raise ValueError("registration 'deepatlas' needs a trained model (deepatlas_model)")
         if "dlf" in self.fusion and self.dlf_model is None:
             raise ValueError("fusion 'dlf' needs a trained model (dlf_model)")
         if self.output_spaces and (self.templateflow_home is None

@@ -21,6 +21,10 @@ REGISTRATION_PRESETS = {
     "accurate": "antsRegistrationSyNRepro[s]",
 }
 
+#: --registration: ANTs (antspyx, the presets above) or the DeepAtlas network
+#: (:mod:`dlf_bids.deepatlas_registration`)
+REGISTRATION_ENGINES = ("ants", "deepatlas")
+
 
 @dataclass(frozen=True)
 class WarpedAtlas:

@@ -42,6 +42,10 @@ DEEP_LABEL_FUSION = (1395.0, 134.0)  # 1478 / 2049 MiB (torch and the model in t
 # atlases + labels
 JOINT_LABEL_FUSION = (479.0, 184.0, 1175.0)
 BRAIN_MARGIN = 1.2  # the JLF mask is dilated beyond the labelled voxels
+# DeepAtlas, its largest node (one atlas: torch, the networks on the small reference grid, antspyx
+# resampling on the subject's grid): 657 / 860 / 1283 MiB at 0.62 / 4.87 / 16.8 M subject voxels
+# (benchmarks/deepatlas_memory.py, without Nipype, whose ~150 MiB are added to the base)
+DEEPATLAS = (810.0, 40.0)
 
 
 @functools.lru_cache(maxsize=32)
@@ -68,6 +72,12 @@ def registration_gb(fixed_voxels: int, moving_voxels: int) -> float:
     --output-spaces."""
     base, per_fixed, per_moving = REGISTRATION
     return _gb(base, per_fixed, fixed_voxels) + _gb(0.0, per_moving, moving_voxels)
+
+
+def deepatlas_gb(voxels: int) -> float:
+    """One DeepAtlas node (subject alignment, one atlas's network pass and resampling, or the
+    segmentation network) on a subject of ``voxels`` voxels; the reference grid is small and fixed."""
+    return _gb(*DEEPATLAS, voxels)
 
 
 def fusion_gb(method: str, voxels: int, n_atlases: int, n_labels: int,
@@ -98,11 +108,13 @@ class MemoryPlan:
     registration: float
     fusion: dict[str, float]
     template_registration: float = 0.0  # T1w to the largest --output-spaces template (0: none)
+    deepatlas: float = 0.0  # a DeepAtlas node, with --registration deepatlas (0: ANTs registers)
 
     @property
     def largest(self) -> tuple[str, float]:
-        needs = {"registration": self.registration, **{f"{m} fusion": gb
-                                                        for m, gb in self.fusion.items()}}
+        registration = ({"DeepAtlas registration": self.deepatlas} if self.deepatlas
+                        else {"registration": self.registration})
+        needs = {**registration, **{f"{m} fusion": gb for m, gb in self.fusion.items()}}
         if self.template_registration:
             needs["template registration"] = self.template_registration
         name = max(needs, key=needs.get)
@@ -110,10 +122,10 @@ class MemoryPlan:
 
 
 def plan_memory(t1w: Path | str, atlas_t1ws, methods, n_labels: int,
-                template_t1ws=(), atlas_dsegs=()) -> MemoryPlan:
+                template_t1ws=(), atlas_dsegs=(), engine: str = "ants") -> MemoryPlan:
     """``template_t1ws``: the templates the T1w is registered to (``--output-spaces``);
     ``atlas_dsegs``: the atlases' label maps, whose labelled volume tells the brain's size
-    (without them the whole image is taken as brain)."""
+    (without them the whole image is taken as brain); ``engine``: ``--registration``."""
     voxels = n_voxels(t1w)
     brain_voxels = None
     if atlas_dsegs:
@@ -127,6 +139,7 @@ def plan_memory(t1w: Path | str, atlas_t1ws, methods, n_labels: int,
         # the subject moves onto the template
         template_registration=max((registration_gb(n_voxels(t), voxels) for t in template_t1ws),
                                   default=0.0),
+        deepatlas=deepatlas_gb(voxels) if engine == "deepatlas" else 0.0,
     )
 
 
@@ -137,7 +150,7 @@ def plan_for_run(config, t1w: Path | str, library) -> MemoryPlan:
     templates = [s.t1w for s in registration_targets(config.output_spaces).values()]
     return plan_memory(t1w, [a.t1w for a in library.atlases], config.fusion,
                        len(library.labels.indices), templates,
-                       atlas_dsegs=[a.dseg for a in library.atlases])
+                       atlas_dsegs=[a.dseg for a in library.atlases], engine=config.registration)
 
 
 def machine_memory_gb() -> float:

@@ -36,7 +36,9 @@ class RunStatus:
     fusion: list[str] = field(default_factory=list)
     atlases: list[str] = field(default_factory=list)
     registration_preset: str | None = None
+    registration: str = "ants"  # the engine: ants or deepatlas
     dlf_model: dict | None = None  # {"file": name, "sha256": hex}
+    deepatlas_model: dict | None = None  # the same, with --registration deepatlas
     started: str | None = None  # ISO 8601, UTC
     finished: str | None = None
     elapsed_s: float | None = None

@@ -9,7 +9,7 @@ import pytest
 from dlf_bids.cli.run import main
 from dlf_bids.config import Config
 from dlf_bids.errors import EXIT_RESOURCES
-from dlf_bids.resources import (MARGIN, MIB, fusion_gb, plan_for_run, plan_memory,
+from dlf_bids.resources import (MARGIN, MIB, deepatlas_gb, fusion_gb, plan_for_run, plan_memory,
                                 registration_gb)
 from dlf_bids.utils.atlas_library import load_atlas_library
 from dlf_bids.utils.bids import collect_anatomicals, load_layout
@@ -50,6 +50,23 @@ def test_jlf_without_a_brain_size_assumes_the_whole_image():
 def test_registration_estimate_reproduces_the_measured_peaks(fixed, moving, measured_mib):
     expected = MARGIN * measured_mib * MIB / 1e9
     assert registration_gb(fixed, moving) == pytest.approx(expected, rel=0.06)
+
+
+@pytest.mark.parametrize("voxels, measured_mib", [(616200, 657.1), (4873908, 860.1), (WHOLE_HEAD, 1282.5)])
+def test_deepatlas_estimate_covers_the_measured_peaks(voxels, measured_mib):
+    """benchmarks/deepatlas_memory.py peaks (no Nipype) + Nipype's ~150 MiB, within the margin."""
+    estimate_mib = deepatlas_gb(voxels) * 1e9 / MIB / MARGIN
+    assert measured_mib + 100 <= estimate_mib <= measured_mib + 250
+
+
+def test_deepatlas_plan_replaces_the_ants_registration(tmp_path):
+    img = tmp_path / "t1w.nii.gz"
+    nb.save(nb.Nifti1Image(np.zeros((10, 10, 10), np.uint8), np.eye(4)), img)
+    ants_plan = plan_memory(img, [img], ("mv",), n_labels=5)
+    deep_plan = plan_memory(img, [img], ("mv",), n_labels=5, engine="deepatlas")
+    assert ants_plan.deepatlas == 0 and deep_plan.deepatlas == deepatlas_gb(1000)
+    assert deep_plan.largest[0] in ("DeepAtlas registration", "mv fusion")
+    assert "registration" != deep_plan.largest[0]
 
 
 def test_estimates_grow_with_image_atlases_and_labels():

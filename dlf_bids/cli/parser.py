@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..fusion import FUSION_METHODS
-from ..registration import REGISTRATION_PRESETS
+from ..registration import REGISTRATION_ENGINES, REGISTRATION_PRESETS
 
 EPILOG = """\
 examples:
@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--dlf-probseg", action="store_true",
                      help="also write DLF's per-label probabilities as one 4D probseg image "
                           "(volume k = k-th label of the seg-dlf look-up table; large at 1 mm)")
+    seg.add_argument("--registration", choices=REGISTRATION_ENGINES, default="ants",
+                     help="how atlases are registered to the subject: ants (antspyx, see "
+                          "--registration-preset) or deepatlas (a learned network, one pass per "
+                          "atlas after an affine alignment; needs --deepatlas-model; also writes "
+                          "the network's own seg-deepatlas and each atlas-to-T1w transform)")
+    seg.add_argument("--deepatlas-model", type=Path, metavar="FILE",
+                     help="a trained DeepAtlas model (from dlf-bids-train-deepatlas)")
     seg.add_argument("--registration-preset", choices=sorted(REGISTRATION_PRESETS), default="quick",
                      help="ANTs registration: " + ", ".join(f"{k} = {v}" for k, v in
                                                              sorted(REGISTRATION_PRESETS.items())))

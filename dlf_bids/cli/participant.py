@@ -145,10 +145,36 @@ def expected_outputs(config: Config, anat) -> dict[str, Path]:
     from ..interfaces.bids import derivative_path
     from ..workflows.spaces import expected_space_outputs
 
+    methods = list(config.fusion) + (["deepatlas"] if config.registration == "deepatlas" else [])
     native = {m: derivative_path(config.output_dir, {"subject": anat.subject, **anat.entities,
                                                      "segmentation": m, "suffix": "dseg"})
-              for m in config.fusion}
+              for m in methods}
     return {**native, **expected_space_outputs(config, anat)}
+
+
+def check_deepatlas_model(config: Config):
+    """Refuse a DeepAtlas model the registration engine cannot use, before any work."""
+    from ..models.deepatlas_file import read_deepatlas_info
+
+    info = read_deepatlas_info(config.deepatlas_model)
+    if info.reference_image is None:
+        raise BadDataError(f"DeepAtlas model {config.deepatlas_model} has no reference grid: "
+                           "train it with dlf-bids-train-deepatlas")
+    if info.config.in_channels != 1:
+        raise BadDataError(f"DeepAtlas model {config.deepatlas_model} takes "
+                           f"{'+'.join(info.modalities)}; the registration engine uses T1w-only models")
+    _say(f"DeepAtlas model {config.deepatlas_model.name} ({len(info.labels)} labels, "
+         f"{info.voxel_size:g} mm grid; sha256 {info.sha256[:12]})")
+    return info
+
+
+def deepatlas_label_table(info):
+    """The segmentation network's labels as a look-up table (for ``seg-deepatlas``)."""
+    from ..utils.labels import Label, LabelTable
+
+    return LabelTable(tuple(Label(int(d["index"]), str(d.get("name") or d["index"]),
+                                  str(d.get("abbreviation") or ""), str(d.get("color") or ""))
+                            for d in info.labels))
 
 
 def check_dlf_model(config: Config, library):
@@ -191,6 +217,7 @@ def run_participant_level(config: Config, validate_input) -> int:
     validate_input(config)
     library = load_atlas_library(config.atlas_dir)
     model_info = check_dlf_model(config, library) if "dlf" in config.fusion else None
+    deepatlas_info = check_deepatlas_model(config) if config.registration == "deepatlas" else None
     anatomicals, skipped = select_inputs(config)
     check_memory(config, anatomicals, library)
     _say(f"{len(anatomicals)} T1w image(s) to segment with {len(library.atlases)} atlases "
@@ -210,6 +237,8 @@ def run_participant_level(config: Config, validate_input) -> int:
     write_bidsignore(config.output_dir)
     write_readme(config.output_dir)
     write_method_luts(config.output_dir, config.fusion, library.labels)
+    if deepatlas_info is not None:
+        write_method_luts(config.output_dir, ["deepatlas"], deepatlas_label_table(deepatlas_info))
     log_dir = _configure_nipype(config)
 
     from ..execution import plugin_settings
@@ -227,4 +256,5 @@ def run_participant_level(config: Config, validate_input) -> int:
         workflow.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as err:
         LOG.debug("workflow error: %s", err)
-    return summarise(config, anatomicals, skipped, started, log_dir, library, model_info)
+    return summarise(config, anatomicals, skipped, started, log_dir, library, model_info,
+                     deepatlas_info)

@@ -33,14 +33,23 @@ def _fusion_methods(args) -> tuple[str, ...]:
     return tuple(dict.fromkeys(methods))
 
 
-def _dlf_model(args) -> Path | None:
+def _model_path(path: Path | None, what: str) -> Path | None:
     from ..errors import MissingInputError
 
-    if args.dlf_model is None:
+    if path is None:
         return None
-    if not args.dlf_model.is_file():
-        raise MissingInputError(f"DLF model {args.dlf_model} does not exist")
-    return args.dlf_model.absolute()
+    if not path.is_file():
+        raise MissingInputError(f"{what} model {path} does not exist")
+    return path.absolute()
+
+
+def _deepatlas_model(args) -> Path | None:
+    if args.registration == "deepatlas" and args.deepatlas_model is None:
+        raise UsageError("--registration deepatlas needs a trained model: --deepatlas-model FILE "
+                         "(see dlf-bids-train-deepatlas)")
+    if args.registration != "deepatlas" and args.deepatlas_model is not None:
+        raise UsageError("--deepatlas-model is used by --registration deepatlas only")
+    return _model_path(args.deepatlas_model, "DeepAtlas")
 
 
 def _output_spaces(args):
@@ -91,7 +100,8 @@ def config_from_args(args) -> Config:
         bids_filters=load_filters(args.bids_filter_file),
         bids_database_dir=args.bids_database_dir.absolute() if args.bids_database_dir else None,
         fusion=_fusion_methods(args), registration_preset=args.registration_preset,
-        dlf_model=_dlf_model(args), device=args.device, dlf_force=args.dlf_force_modalities,
+        registration=args.registration, deepatlas_model=_deepatlas_model(args),
+        dlf_model=_model_path(args.dlf_model, "DLF"), device=args.device, dlf_force=args.dlf_force_modalities,
         atlas_batch=args.atlas_batch, dlf_probseg=args.dlf_probseg,
         output_spaces=output_spaces, templateflow_home=templateflow_home,
         nprocs=int(nprocs), omp_nthreads=args.omp_nthreads, mem_gb=mem_gb,

@@ -17,13 +17,15 @@ from .participant import _say, expected_outputs
 
 
 def summarise(config: Config, anatomicals, skipped, started: float, log_dir: Path,
-              library, model_info=None) -> int:
+              library, model_info=None, deepatlas_info=None) -> int:
     """Say, and record in ``logs/status/``, what happened to every selected image."""
     from ..workflows.multiatlas import dlf_uses_t2w
 
     t2w_used = "dlf" in config.fusion and dlf_uses_t2w(config, library)
     common = dict(fusion=list(config.fusion), atlases=[f"sub-{a.atlas_id}" for a in library.atlases],
-                  registration_preset=config.registration_preset, version=__version__,
+                  registration_preset=config.registration_preset, registration=config.registration,
+                  deepatlas_model={"file": config.deepatlas_model.name, "sha256": deepatlas_info.sha256}
+                  if deepatlas_info is not None else None, version=__version__,
                   packages=package_versions(),
                   dlf_model={"file": config.dlf_model.name, "sha256": model_info.sha256}
                   if model_info is not None else None,

@@ -154,18 +154,24 @@ def train(args) -> Path:
     return result.out_file
 
 
-def main(argv=None) -> int:
-    prepare_environment()  # before build_parser imports torch and monai (and so matplotlib)
+def run_command(prog: str, build_parser, work, argv=None) -> int:
+    """The shell of every training command: environment first (``build_parser`` imports torch),
+    then ``work(args)``; a dlf-bids error is one line on stderr and its exit code."""
+    prepare_environment()
     from .run import _setup_logging
 
     args = build_parser().parse_args(argv)
     _setup_logging(0)
     try:
-        train(args)
+        work(args)
     except DlfBidsError as err:
-        print(f"dlf-bids-train: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return err.exit_code
     return 0
+
+
+def main(argv=None) -> int:
+    return run_command("dlf-bids-train", build_parser, train, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ Keys (``DEEPATLAS_FORMAT_VERSION`` 1): ``format_version``, ``model_type`` (``"de
 the channel values), ``state_dict`` (both networks), ``labels`` (dicts ``index``/``name``/
 ``abbreviation``/``color`` of channels 1..L-1), ``modalities``, ``volume_shape`` (the training
 grid), ``voxel_size`` (mm, or None), ``normalisation`` (``"volume-zscore-nonzero"``),
-``train_settings`` (dict, e.g. with the loss history), ``created`` (ISO-8601 UTC).
+``train_settings`` (dict, e.g. with the loss history), ``created`` (ISO-8601 UTC), and, for
+models the registration engine can use, ``reference`` = ``{"image": tensor (X, Y, Z) float32,
+"affine": 4×4 list (RAS mm, nibabel's)}``: the grid every image is affinely aligned to
+(:mod:`dlf_bids.deepatlas_registration`).
 
 This module must stay free of nipype and of ``dlf_bids.interfaces`` / ``dlf_bids.workflows``.
 """
@@ -20,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import __version__
@@ -30,7 +34,8 @@ from .deepatlas_inference import NORMALISATION
 from .model_file import (_labels_to_dicts, _plain, check_header, load_weights, model_hash,
                          read_payload)
 
-__all__ = ["DEEPATLAS_FORMAT_VERSION", "DeepAtlasInfo", "load_deepatlas", "save_deepatlas"]
+__all__ = ["DEEPATLAS_FORMAT_VERSION", "DeepAtlasInfo", "load_deepatlas", "read_deepatlas_info",
+           "save_deepatlas"]
 
 #: Newest DeepAtlas file layout this version writes and reads.
 DEEPATLAS_FORMAT_VERSION = 1
@@ -54,6 +59,22 @@ class DeepAtlasInfo:
     created: str = ""
     path: str | None = None
     sha256: str | None = None
+    reference_image: np.ndarray | None = field(default=None, repr=False)
+    reference_affine: np.ndarray | None = None
+
+    def write_reference(self, out_file) -> Path:
+        """The reference grid as a NIfTI file; :class:`BadDataError` when the model has none."""
+        import nibabel as nb
+
+        if self.reference_image is None:
+            raise BadDataError(f"DeepAtlas model {self.path} has no reference grid: train it with "
+                               "dlf-bids-train-deepatlas to use it for registration")
+        img = nb.Nifti1Image(self.reference_image.astype(np.float32), self.reference_affine)
+        img.set_qform(self.reference_affine, 1)
+        img.set_sform(self.reference_affine, 1)
+        with atomic_open(Path(out_file), binary=True) as fh:
+            fh.write(img.to_bytes())
+        return Path(out_file)
 
 
 def _label_dicts(config: DeepAtlasConfig, labels) -> list[dict]:
@@ -101,6 +122,10 @@ def save_deepatlas(path, model: DeepAtlas, meta: Mapping | None = None) -> Path:
         "created": str(meta.get("created")
                        or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
     }
+    if meta.get("reference") is not None:
+        image, affine = meta["reference"]
+        payload["reference"] = {"image": torch.as_tensor(np.asarray(image, dtype=np.float32)),
+                                "affine": np.asarray(affine, dtype=float).tolist()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path, binary=True) as fh:
@@ -122,15 +147,31 @@ def _read_info(payload, path: Path) -> DeepAtlasInfo:
             raise ValueError(f"{len(modalities)} modalities for {config.in_channels} input channels")
         shape = payload.get("volume_shape")
         voxel = payload.get("voxel_size")
+        ref = payload.get("reference")
+        ref_image = ref_affine = None
+        if ref is not None:
+            ref_image = np.asarray(ref["image"].numpy(), dtype=np.float32)
+            ref_affine = np.asarray(ref["affine"], dtype=float)
+            if ref_image.ndim != 3 or ref_affine.shape != (4, 4):
+                raise ValueError("reference must be a 3D image with a 4x4 affine")
         return DeepAtlasInfo(
             format_version=version, package_version=str(payload.get("package_version", "")), config=config,
             labels=labels, modalities=modalities, volume_shape=None if shape is None else tuple(int(n) for n in shape),
             voxel_size=None if voxel is None else float(voxel),
             train_settings=dict(payload.get("train_settings") or {}), created=str(payload.get("created", "")),
-            path=str(path),
+            path=str(path), reference_image=ref_image, reference_affine=ref_affine,
         )
-    except (TypeError, ValueError, KeyError) as exc:
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise BadDataError(f"{where} has invalid metadata: {exc}") from None
+
+
+def read_deepatlas_info(path) -> DeepAtlasInfo:
+    """The metadata of a DeepAtlas file, checked, without building the networks (a command that
+    only checks a model must not start torch's thread pools before Nipype forks its workers)."""
+    path = Path(path)
+    info = _read_info(read_payload(path), path)
+    info.sha256 = model_hash(path)
+    return info
 
 
 def load_deepatlas(path, device="cpu") -> tuple[DeepAtlas, DeepAtlasInfo]:

@@ -125,6 +125,12 @@ REFERENCES = {
         "Multi-atlas segmentation with joint label fusion",
         "IEEE Transactions on Pattern Analysis and Machine Intelligence", "2013", "35", "3",
         "611--623", "10.1109/TPAMI.2012.143", more_authors=False),
+    "xu2019": Reference(
+        "inproceedings", ("Xu, Zhenlin", "Niethammer, Marc"),
+        "{DeepAtlas}: Joint semi-supervised learning of image registration and segmentation",
+        "Medical Image Computing and Computer Assisted Intervention (MICCAI)", "2019",
+        pages="420--429", doi="10.1007/978-3-030-32245-8_47", url="https://arxiv.org/abs/1904.08465",
+        more_authors=False),
     "xie2023": Reference(
         "article", ("Xie, Long", "Wisse, Laura E. M.", "Wang, Jiancong", "Ravikumar, Sadhana",
                     "Khandelwal, Pulkit", "Glenn, Trevor", "Luther, Anica", "Lim, Sydney",
@@ -181,20 +187,45 @@ def methods_of(records: list[RunStatus]) -> Methods:
     if not ran:
         return Methods(paragraphs, keys)
     atlases = _union(r.atlases for r in ran)
-    presets = _union([[r.registration_preset] for r in ran if r.registration_preset])
-    transforms = ", ".join(f"`{p}` (ANTs `{REGISTRATION_PRESETS.get(p, p)}`)" for p in presets)
     paragraphs.append(
         f"Each T1w image was segmented in its native space by multi-atlas segmentation with "
-        f"{len(atlases)} atlases ({', '.join(atlases)}). Every atlas T1w image was registered "
-        f"to the subject's T1w image with the symmetric image normalization method of ANTs "
-        f"{cite('avants2008')}, called through ANTsPy{v('antspyx')} {cite('antsx')}, with the "
-        f"registration preset {transforms}; the atlas labels were then warped onto the T1w grid "
-        f"with generic-label interpolation.")
+        f"{len(atlases)} atlases ({', '.join(atlases)}). " + _registration_sentence(ran, cite, v))
+    if any(r.registration == "deepatlas" for r in ran):
+        paragraphs.append(
+            "The segmentation network trained jointly with the registration network gave its own "
+            "label map of each T1w image (`seg-deepatlas`), predicted on the reference grid and "
+            "brought back to the T1w grid with generic-label interpolation.")
     methods = [m for m in FUSION_METHODS if m in _union(r.fusion for r in ran)]
     paragraphs += [_fusion_paragraph(m, ran, cite, v) for m in methods]
     paragraphs.append(f"The figures of the reports were made with Nilearn{v('nilearn')} "
                       f"{cite('nilearn')} and NiWorkflows.")
     return Methods(paragraphs, keys)
+
+
+def _registration_sentence(records: list[RunStatus], cite, v) -> str:
+    """How the atlases were registered: ANTs presets, or the DeepAtlas network."""
+    sentences = []
+    presets = _union([[r.registration_preset] for r in records
+                      if r.registration_preset and r.registration != "deepatlas"])
+    if presets:
+        transforms = ", ".join(f"`{p}` (ANTs `{REGISTRATION_PRESETS.get(p, p)}`)" for p in presets)
+        sentences.append(
+            f"Every atlas T1w image was registered to the subject's T1w image with the symmetric "
+            f"image normalization method of ANTs {cite('avants2008')}, called through "
+            f"ANTsPy{v('antspyx')} {cite('antsx')}, with the registration preset {transforms}; the "
+            f"atlas labels were then warped onto the T1w grid with generic-label interpolation.")
+    models = _union([[f"`{r.deepatlas_model['file']}` (SHA-256 {r.deepatlas_model['sha256']})"]
+                     for r in records if r.registration == "deepatlas" and r.deepatlas_model])
+    if models:
+        sentences.append(
+            f"Every atlas T1w image was registered to the subject's T1w image by a DeepAtlas "
+            f"registration network {cite('xu2019')} (model {', '.join(models)}, PyTorch"
+            f"{v('torch')}): the subject and the atlases were first aligned affinely to the "
+            f"model's reference grid with ANTsPy{v('antspyx')} {cite('antsx')}, the network then "
+            f"gave a diffeomorphic displacement (scaling and squaring of a stationary velocity "
+            f"field) per atlas, and the atlas labels were warped onto the T1w grid through the "
+            f"composed transforms with generic-label interpolation.")
+    return " ".join(sentences)
 
 
 def _fusion_paragraph(method: str, records: list[RunStatus], cite, v) -> str:

@@ -89,7 +89,11 @@ def summary_rows(record: RunStatus) -> list[tuple[str, str]]:
     preset = record.registration_preset
     rows += [("Atlases", ", ".join(record.atlases)),
              ("Fusion", ", ".join(f"{m} ({METHOD_NAMES.get(m, m)})" for m in record.fusion)),
-             ("Registration", f"{preset} (ANTs {REGISTRATION_PRESETS.get(preset, '?')})")]
+             ("Registration", f"{preset} (ANTs {REGISTRATION_PRESETS.get(preset, '?')})"
+              if record.registration != "deepatlas" else "DeepAtlas network after an ANTs affine")]
+    if record.deepatlas_model:
+        rows.append(("DeepAtlas model", f"{record.deepatlas_model['file']} "
+                                        f"(sha256 {record.deepatlas_model['sha256']})"))
     if record.dlf_model:
         rows.append(("DLF model", f"{record.dlf_model['file']} "
                                   f"(sha256 {record.dlf_model['sha256']})"))

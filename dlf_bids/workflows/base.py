@@ -14,7 +14,7 @@ from ..interfaces.registration import CoregisterT2w
 from ..interfaces.reports import PublishFigure, RegistrationCheck
 from ..reports.layout import REGISTRATION_FIGURE, figure_path
 from ..resources import plan_for_run
-from .multiatlas import dlf_uses_t2w, init_multiatlas_wf
+from .multiatlas import dlf_uses_t2w, init_align_atlases_node, init_multiatlas_wf
 from .spaces import init_output_spaces_wf
 from .volumes import connect_label_volumes
 
@@ -29,8 +29,16 @@ def init_dlf_bids_wf(config: Config, anatomicals: list[AnatomicalInput], library
     """One sub-workflow per T1w image, all in one graph so MultiProc can run them in parallel."""
     workflow = pe.Workflow(name="dlf_bids_wf")
     workflow.base_dir = str(config.work_dir)
+    # DeepAtlas aligns each atlas to its reference grid once per run, for every image
+    align_atlases = init_align_atlases_node(config, library) if config.registration == "deepatlas" else None
     for anat in anatomicals:
-        workflow.add_nodes([init_single_image_wf(config, anat, library)])
+        image_wf = init_single_image_wf(config, anat, library)
+        if align_atlases is None:
+            workflow.add_nodes([image_wf])
+            continue
+        workflow.connect(align_atlases, "transform", image_wf, "multiatlas_wf.inputnode.atlas_transforms")
+        workflow.connect(align_atlases, "on_reference", image_wf,
+                         "multiatlas_wf.inputnode.atlas_on_reference")
     return workflow
 
 
@@ -39,11 +47,18 @@ def segmentation_metadata(config: Config, anat: AnatomicalInput, library: AtlasL
     """The sidecar of a fused segmentation: where it came from and how it was made."""
     sources = [bids_uri(anat.t1w, config.bids_dir, "raw")]
     sources += [bids_uri(a.dseg, library.root, "atlases") for a in library.atlases]
+    description = FUSION_DESCRIPTIONS[method]
+    registration = {"RegistrationPreset": config.registration_preset}
+    if config.registration == "deepatlas":
+        description = description.replace("with ANTs (antspyx)", "by DeepAtlas").replace(
+            "with ANTs", "by DeepAtlas")
+        registration = {"Registration": "DeepAtlas network after an antspyx affine alignment",
+                        "DeepAtlasModel": config.deepatlas_model.name}
     return {
-        "Description": FUSION_DESCRIPTIONS[method],
+        "Description": description,
         "Sources": sources,
         "SpatialReference": sources[0],  # native T1w geometry
-        "RegistrationPreset": config.registration_preset,
+        **registration,
         "Atlases": [f"sub-{a.atlas_id}" for a in library.atlases],
     }
 
@@ -85,6 +100,8 @@ def init_single_image_wf(config: Config, anat: AnatomicalInput, library: AtlasLi
             (validate, coregister, [("out_file", "t1w")]),
             (coregister, multiatlas_wf, [("t2w_on_t1w", "inputnode.t2w")]),
         ])
+    if config.registration == "deepatlas":
+        connect_deepatlas_outputs(workflow, multiatlas_wf, config, anat, library)
     if config.output_spaces:
         spaces_wf = init_output_spaces_wf(config, anat)
         workflow.connect(validate, "out_file", spaces_wf, "inputnode.t1w")
@@ -134,3 +151,40 @@ def init_single_image_wf(config: Config, anat: AnatomicalInput, library: AtlasLi
                     ("outputnode.probseg_dlf", "in_file"),
                     ("outputnode.probseg_metadata_dlf", "meta_dict")])])
     return workflow
+
+
+def atlas_space_label(atlas_id: str) -> str:
+    """The ``from-`` label of an atlas's transform: ``atlas`` + its id, alphanumeric as BIDS wants."""
+    return "atlas" + "".join(ch for ch in atlas_id if ch.isalnum())
+
+
+def connect_deepatlas_outputs(workflow, multiatlas_wf, config: Config, anat: AnatomicalInput,
+                              library: AtlasLibrary) -> None:
+    """``--registration deepatlas``: the segmentation network's ``seg-deepatlas`` (+ volumes) and
+    one ``from-atlas<id>_to-T1w_mode-image_xfm.h5`` per atlas (subject <- atlas, what
+    ``antsApplyTransforms`` takes to bring anything drawn on that atlas onto the T1w)."""
+    from ..utils.derivatives import lut_path
+
+    raw = bids_uri(anat.t1w, config.bids_dir, "raw")
+    ds_seg = pe.Node(DerivativesDataSink(
+        base_directory=str(config.output_dir), source_file=str(anat.t1w), segmentation="deepatlas",
+        suffix="dseg", compress=True,
+        meta_dict={"Description": "Label map of the DeepAtlas segmentation network (Xu & "
+                                  "Niethammer, 2019), trained jointly with the registration "
+                                  "network; predicted on the model's reference grid and brought "
+                                  "back to the T1w grid (genericLabel)",
+                   "Sources": [raw], "SpatialReference": raw,
+                   "DeepAtlasModel": config.deepatlas_model.name}),
+        name="ds_seg_deepatlas", run_without_submitting=True)
+    workflow.connect(multiatlas_wf, "outputnode.seg_deepatlas", ds_seg, "in_file")
+    connect_label_volumes(workflow, (multiatlas_wf, "outputnode.seg_deepatlas"), config, anat,
+                          library, "deepatlas", label_table=lut_path(config.output_dir, "deepatlas"))
+    for k, atlas in enumerate(library.atlases):
+        label = atlas_space_label(atlas.atlas_id)
+        pick = pe.Node(niu.Select(index=k), name=f"pick_xfm_{label}", run_without_submitting=True)
+        ds_xfm = pe.Node(DerivativesDataSink(
+            base_directory=str(config.output_dir), source_file=str(anat.t1w), suffix="xfm",
+            **{"from": label, "to": "T1w", "mode": "image"}),
+            name=f"ds_xfm_{label}_to_T1w", run_without_submitting=True)
+        workflow.connect([(multiatlas_wf, pick, [("outputnode.atlas_xfms", "inlist")]),
+                          (pick, ds_xfm, [("out", "in_file")])])

@@ -8,6 +8,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..config import Config
+from ..interfaces.deepatlas import AlignToReference, RegisterAtlasDeepAtlas, SegmentDeepAtlas
 from ..interfaces.fusion import DeepLabelFusion, JointLabelFusion, MajorityVote
 from ..interfaces.registration import RegisterAtlas
 from ..resources import MemoryPlan
@@ -48,6 +49,50 @@ def init_register_atlases_node(atlases, preset: str, seed: int, threads: int, wa
     return register
 
 
+def init_align_atlases_node(config: Config, library: AtlasLibrary) -> pe.MapNode:
+    """``--registration deepatlas``: every atlas aligned affinely to the model's reference grid,
+    once per run (it does not depend on the subject); its outputs feed every image's workflow."""
+    align = pe.MapNode(AlignToReference(model_file=str(config.deepatlas_model), seed=config.seed,
+                                        num_threads=config.registration_threads),
+                       iterfield=["in_file"], name="align_atlases_to_reference", mem_gb=1.0)
+    align.inputs.in_file = [str(a.t1w) for a in library.atlases]
+    return align
+
+
+def _deepatlas_registration(config: Config, library: AtlasLibrary, workflow, inputnode, outputnode,
+                            warp_t2w: bool, mem_gb: float) -> pe.MapNode:
+    """The DeepAtlas engine: the subject aligned to the reference grid, one network pass per atlas
+    (atlas alignments come in through ``inputnode``), and the segmentation network's own output."""
+    align = pe.Node(AlignToReference(model_file=str(config.deepatlas_model), seed=config.seed,
+                                     num_threads=config.registration_threads),
+                    name="align_t1w_to_reference", mem_gb=mem_gb)
+    iterfield = ["atlas_t1w", "atlas_dseg", "atlas_transform", "atlas_on_reference"]
+    register = pe.MapNode(
+        RegisterAtlasDeepAtlas(model_file=str(config.deepatlas_model), device=config.device,
+                               seed=config.seed, num_threads=config.registration_threads),
+        iterfield=iterfield + (["atlas_t2w"] if warp_t2w else []), name="register_atlases",
+        mem_gb=mem_gb)
+    register.inputs.atlas_t1w = [str(a.t1w) for a in library.atlases]
+    register.inputs.atlas_dseg = [str(a.dseg) for a in library.atlases]
+    if warp_t2w:
+        register.inputs.atlas_t2w = [str(a.t2w) for a in library.atlases]
+    segment = pe.Node(SegmentDeepAtlas(model_file=str(config.deepatlas_model), device=config.device),
+                      name="segment_deepatlas", mem_gb=mem_gb)
+    to_register = [("transform", "target_transform"), ("on_reference", "target_on_reference"),
+                   ("reference", "reference")]
+    workflow.connect([
+        (inputnode, align, [("t1w", "in_file")]),
+        (inputnode, register, [("atlas_transforms", "atlas_transform"),
+                               ("atlas_on_reference", "atlas_on_reference")]),
+        (align, register, to_register),
+        (inputnode, segment, [("t1w", "target_t1w")]),
+        (align, segment, to_register[:2]),
+        (register, outputnode, [("composite", "atlas_xfms")]),
+        (segment, outputnode, [("out_dseg", "seg_deepatlas")]),
+    ])
+    return register
+
+
 def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multiatlas_wf",
                        subject_has_t2w: bool = False, *, memory: MemoryPlan):
     """Build the registration + fusion workflow for one T1w image.
@@ -61,6 +106,9 @@ def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multi
         the subject's T1w image (header-validated); defines the output grid
     t2w
         the subject's T2w on the T1w grid (used by DLF when the model has a T2w channel)
+    atlas_transforms, atlas_on_reference
+        ``--registration deepatlas`` only: the atlases aligned to the model's reference grid
+        (:func:`init_align_atlases_node`)
 
     Outputs
     -------
@@ -68,21 +116,30 @@ def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multi
         every atlas's image and labels on the subject's grid (for later fusion methods)
     seg_<method>
         one fused label map per method in ``config.fusion``
+    seg_deepatlas, atlas_xfms
+        ``--registration deepatlas`` only: the segmentation network's label map, and each atlas's
+        atlas -> subject transform (ANTs composite ``.h5``)
     """
     workflow = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w", "t2w"]), name="inputnode")
+    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w", "t2w", "atlas_transforms",
+                                                      "atlas_on_reference"]), name="inputnode")
     outputnode = pe.Node(
         niu.IdentityInterface(fields=["warped_t1w", "warped_dseg", "uncertainty_dlf", "metadata_dlf",
-                                      "probseg_dlf", "probseg_metadata_dlf"]
+                                      "probseg_dlf", "probseg_metadata_dlf", "seg_deepatlas",
+                                      "atlas_xfms"]
                               + [f"seg_{m}" for m in config.fusion]),
         name="outputnode",
     )
     warp_t2w = dlf_uses_t2w(config, library)
     threads = config.threads_per_process
 
-    register = init_register_atlases_node(library.atlases, config.registration_preset, config.seed,
-                                          config.registration_threads, warp_t2w,
-                                          mem_gb=memory.registration)
+    if config.registration == "deepatlas":
+        register = _deepatlas_registration(config, library, workflow, inputnode, outputnode, warp_t2w,
+                                           memory.deepatlas)
+    else:
+        register = init_register_atlases_node(library.atlases, config.registration_preset,
+                                              config.seed, config.registration_threads, warp_t2w,
+                                              mem_gb=memory.registration)
 
     workflow.connect([
         (inputnode, register, [("t1w", "target_t1w")]),

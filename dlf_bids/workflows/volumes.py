@@ -13,13 +13,16 @@ from ..utils.bids import AnatomicalInput
 
 
 def connect_label_volumes(workflow: pe.Workflow, seg_source: tuple, config: Config,
-                          anat: AnatomicalInput, library: AtlasLibrary, method: str) -> None:
+                          anat: AnatomicalInput, library: AtlasLibrary, method: str,
+                          label_table=None) -> None:
     """Add ``sub-X[_ses-…]_seg-<method>_volumes.tsv`` (+ data dictionary) for one method.
 
     ``seg_source`` is ``(node, output name)`` of the method's label map. The look-up table is the
-    library's: the one written at the output root is a copy of it.
+    library's (the one written at the output root is a copy of it) unless ``label_table`` names
+    another (the DeepAtlas segmentation network's own labels).
     """
-    volumes = pe.Node(LabelVolumes(label_table=str(library.root / "dseg.tsv"), method=method),
+    table = str(label_table or library.root / "dseg.tsv")
+    volumes = pe.Node(LabelVolumes(label_table=table, method=method),
                       name=f"volumes_{method}", mem_gb=label_volumes_gb(n_voxels(anat.t1w)))
     ds_volumes = pe.Node(
         DerivativesDataSink(base_directory=str(config.output_dir), source_file=str(anat.t1w),

@@ -1,0 +1,124 @@
+"""Nipype interfaces around :mod:`dlf_bids.deepatlas_registration` (DeepAtlas as a registration
+engine, and its segmentation network's own output)."""
+
+import os
+
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
+                                    traits)
+
+from ..deepatlas_registration import (AlignedImage, align_to_reference, register_atlas_deepatlas,
+                                      segment_deepatlas, write_reference)
+
+
+class _AlignToReferenceInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="image to align (T1w)")
+    labels = File(exists=True, desc="its label map, also brought onto the reference grid")
+    reference = File(exists=True, desc="reference grid (else the model's)")
+    model_file = File(exists=True, desc="DeepAtlas model holding the reference grid")
+    seed = traits.Int(0, usedefault=True, desc="random seed passed to antsRegistration")
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="ITK threads")
+
+
+class _AlignToReferenceOutputSpec(TraitedSpec):
+    transform = File(exists=True, desc="reference -> image affine (ANTs .mat)")
+    on_reference = File(exists=True, desc="the image on the reference grid")
+    labels_on_reference = File(exists=True, desc="the label map on the reference grid")
+    reference = File(exists=True, desc="the reference grid used")
+
+
+class AlignToReference(SimpleInterface):
+    """Affine pre-alignment (antspyx) of one image to the DeepAtlas reference grid."""
+
+    input_spec = _AlignToReferenceInputSpec
+    output_spec = _AlignToReferenceOutputSpec
+
+    def _run_interface(self, runtime):
+        reference = self.inputs.reference or None
+        if reference is None:
+            if not self.inputs.model_file:
+                raise ValueError("AlignToReference needs a reference or a model_file")
+            reference = str(write_reference(self.inputs.model_file,
+                                            os.path.join(runtime.cwd, "reference.nii.gz")))
+        aligned = align_to_reference(self.inputs.in_file, reference, runtime.cwd, seed=self.inputs.seed,
+                                     n_threads=self.inputs.num_threads,
+                                     labels_file=self.inputs.labels or None)
+        self._results.update(transform=str(aligned.transform), on_reference=str(aligned.on_reference),
+                             reference=reference)
+        if aligned.labels_on_reference is not None:
+            self._results["labels_on_reference"] = str(aligned.labels_on_reference)
+        return runtime
+
+
+class _RegisterAtlasDeepAtlasInputSpec(BaseInterfaceInputSpec):
+    target_t1w = File(exists=True, mandatory=True, desc="subject T1w: the output grid")
+    target_transform = File(exists=True, mandatory=True, desc="reference -> subject affine")
+    target_on_reference = File(exists=True, mandatory=True, desc="subject T1w on the reference grid")
+    reference = File(exists=True, mandatory=True, desc="the reference grid")
+    atlas_t1w = File(exists=True, mandatory=True, desc="atlas T1w")
+    atlas_transform = File(exists=True, mandatory=True, desc="reference -> atlas affine")
+    atlas_on_reference = File(exists=True, mandatory=True, desc="atlas T1w on the reference grid")
+    atlas_dseg = File(exists=True, mandatory=True, desc="atlas label map on the atlas T1w grid")
+    atlas_t2w = File(exists=True, desc="atlas T2w (rigidly aligned to the atlas T1w, then warped)")
+    model_file = File(exists=True, mandatory=True, desc="DeepAtlas model")
+    device = traits.Str("cpu", usedefault=True, nohash=True, desc="torch device")
+    seed = traits.Int(0, usedefault=True, desc="random seed (rigid atlas T2w -> T1w)")
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="ITK threads")
+
+
+class _RegisterAtlasDeepAtlasOutputSpec(TraitedSpec):
+    warped_t1w = File(exists=True, desc="atlas T1w on the subject grid")
+    warped_dseg = File(exists=True, desc="atlas labels on the subject grid (genericLabel)")
+    transforms = traits.List(File(exists=True), desc="subject <- atlas transforms, ANTs order")
+    warped_t2w = File(exists=True, desc="atlas T2w on the subject grid (if given)")
+    composite = File(exists=True, desc="the same transforms as one ANTs composite (.h5)")
+    min_jacobian = traits.Float(desc="smallest Jacobian determinant of the network's warp")
+
+
+class RegisterAtlasDeepAtlas(SimpleInterface):
+    """Warp one atlas onto the subject with the DeepAtlas registration network."""
+
+    input_spec = _RegisterAtlasDeepAtlasInputSpec
+    output_spec = _RegisterAtlasDeepAtlasOutputSpec
+
+    def _run_interface(self, runtime):
+        i = self.inputs
+        warped = register_atlas_deepatlas(
+            i.target_t1w, AlignedImage(i.target_transform, i.target_on_reference), i.atlas_t1w,
+            i.atlas_dseg, AlignedImage(i.atlas_transform, i.atlas_on_reference), i.model_file,
+            i.reference, runtime.cwd, seed=self.inputs.seed,
+            n_threads=self.inputs.num_threads, atlas_t2w=self.inputs.atlas_t2w or None,
+            device=self.inputs.device)
+        self._results.update(warped_t1w=str(warped.t1w), warped_dseg=str(warped.dseg),
+                             transforms=[str(t) for t in warped.transforms],
+                             composite=str(warped.composite), min_jacobian=warped.min_jacobian)
+        if warped.t2w is not None:
+            self._results["warped_t2w"] = str(warped.t2w)
+        return runtime
+
+
+class _SegmentDeepAtlasInputSpec(BaseInterfaceInputSpec):
+    target_t1w = File(exists=True, mandatory=True, desc="subject T1w: the output grid")
+    target_transform = File(exists=True, mandatory=True, desc="reference -> subject affine")
+    target_on_reference = File(exists=True, mandatory=True, desc="subject T1w on the reference grid")
+    model_file = File(exists=True, mandatory=True, desc="DeepAtlas model")
+    device = traits.Str("cpu", usedefault=True, nohash=True, desc="torch device")
+
+
+class _SegmentDeepAtlasOutputSpec(TraitedSpec):
+    out_dseg = File(exists=True, desc="the segmentation network's label map on the subject grid")
+
+
+class SegmentDeepAtlas(SimpleInterface):
+    """The DeepAtlas segmentation network's own label map of the subject."""
+
+    input_spec = _SegmentDeepAtlasInputSpec
+    output_spec = _SegmentDeepAtlasOutputSpec
+
+    def _run_interface(self, runtime):
+        out = segment_deepatlas(self.inputs.target_t1w,
+                                AlignedImage(self.inputs.target_transform, self.inputs.target_on_reference),
+                                self.inputs.model_file,
+                                os.path.join(runtime.cwd, "deepatlas_dseg.nii.gz"),
+                                device=self.inputs.device)
+        self._results["out_dseg"] = str(out)
+        return runtime

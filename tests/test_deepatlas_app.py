@@ -1,0 +1,206 @@
+"""DeepAtlas from the command line: ``dlf-bids-train-deepatlas``, then ``dlf-bids participant
+--registration deepatlas`` on the demo data and on the real 3 mm sample.
+
+Tiny networks trained for a few steps: these tests check the plumbing (names, geometry, label
+values, transforms that reproduce the warps, exit codes), not accuracy (BENCHMARKS.md has that).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pytest
+
+from dlf_bids.cli.fs2atlas import main as fs2atlas_main
+from dlf_bids.cli.run import main as dlf_bids_main
+from dlf_bids.cli.train_deepatlas import main as train_main
+from dlf_bids.evaluation import mean_dice
+from dlf_bids.models.deepatlas_file import read_deepatlas_info
+from dlf_bids.utils.labels import read_label_table
+
+from conftest import assert_valid_bids, listing, the_error_line
+
+pytestmark = pytest.mark.slow
+# no --threads: torch.set_num_threads in this (pytest) process, before a participant run forks
+# its Nipype workers, left workers hanging in torch's OpenMP pool (the commands themselves run
+# the graph before touching torch)
+TINY = ["--network", "tiny", "--steps", "6", "--phase-steps", "3", "--voxel-size", "3", "--nprocs", "2"]
+
+
+def _bids_t1w(root: Path, subject: str, source: Path) -> Path:
+    anat = root / f"sub-{subject}" / "anat"
+    anat.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "t", "BIDSVersion": "1.10.0"}))
+    img = nb.load(str(source))
+    out = anat / f"sub-{subject}_T1w.nii.gz"
+    nb.save(nb.Nifti1Image(np.asanyarray(img.dataobj).astype(np.int16), img.affine), str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("deepatlas_demo")
+    model = root / "deepatlas.pt"
+    train_code = train_main([str(demo_data.atlas_dir), str(model), "--unlabelled", str(demo_data.bids_dir),
+                             "-w", str(root / "train_work"), *TINY])
+    before = listing(demo_data.bids_dir)
+    out = root / "out"
+    code = dlf_bids_main([str(demo_data.bids_dir), str(out), "participant", "--atlas-dir",
+                          str(demo_data.atlas_dir), "--registration", "deepatlas", "--deepatlas-model",
+                          str(model), "--fusion", "mv", "-w", str(root / "work"), "--nprocs", "2"])
+    return {"train_code": train_code, "code": code, "model": model, "out": out, "root": root,
+            "before": before, "demo": demo_data}
+
+
+def test_training_writes_a_model_with_its_reference(demo_run):
+    assert demo_run["train_code"] == 0
+    info = read_deepatlas_info(demo_run["model"])
+    assert info.reference_image is not None and info.reference_image.ndim == 3
+    assert np.allclose(np.abs(np.diag(info.reference_affine)[:3]), 3.0)
+    assert info.voxel_size == 3.0 and info.modalities == ["T1w"]
+    library_labels = read_label_table(demo_run["demo"].atlas_dir / "dseg.tsv").indices
+    assert tuple(d["index"] for d in info.labels) == library_labels
+    history = info.train_settings["history"]
+    assert len(history) == 6 and {h["phase"] for h in history} == {"registration", "segmentation"}
+    assert info.train_settings["n_unlabelled"] == 2
+
+
+def test_participant_outputs(demo_run):
+    assert demo_run["code"] == 0
+    out = demo_run["out"]
+    for sub in ("sub-01", "sub-02"):
+        anat = sorted(p.name for p in (out / sub / "anat").iterdir())
+        assert anat == [f"{sub}_from-atlasa0{i}_to-T1w_mode-image_xfm.h5" for i in (1, 2, 3)] + [
+            f"{sub}_seg-deepatlas_dseg.json", f"{sub}_seg-deepatlas_dseg.nii.gz",
+            f"{sub}_seg-deepatlas_volumes.json", f"{sub}_seg-deepatlas_volumes.tsv",
+            f"{sub}_seg-mv_dseg.json", f"{sub}_seg-mv_dseg.nii.gz",
+            f"{sub}_seg-mv_volumes.json", f"{sub}_seg-mv_volumes.tsv"]
+    assert (out / "seg-deepatlas_dseg.tsv").is_file()
+    assert_valid_bids(out)
+    assert listing(demo_run["demo"].bids_dir) == demo_run["before"]
+
+
+def test_segmentations_native_grid_and_labels(demo_run):
+    out, demo = demo_run["out"], demo_run["demo"]
+    labels = set(read_label_table(out / "seg-deepatlas_dseg.tsv").indices) | {0}
+    for sub in ("sub-01", "sub-02"):
+        t1w = nb.load(str(demo.bids_dir / sub / "anat" / f"{sub}_T1w.nii.gz"))
+        for method in ("deepatlas", "mv"):
+            seg = nb.load(str(out / sub / "anat" / f"{sub}_seg-{method}_dseg.nii.gz"))
+            assert seg.shape == t1w.shape and np.allclose(seg.affine, t1w.affine)
+            values = set(np.unique(np.asanyarray(seg.dataobj)).tolist())
+            assert values <= labels and len(values) > 3
+        truth = np.asanyarray(nb.load(str(next((demo.truth_dir).glob(f"{sub}*dseg.nii.gz")))).dataobj)
+        mv = np.asanyarray(nb.load(str(out / sub / "anat" / f"{sub}_seg-mv_dseg.nii.gz")).dataobj)
+        # affine + (barely trained) network: far from a flipped or mixed-up result (< 0.2)
+        assert mean_dice(mv, truth, sorted(labels - {0})) > 0.45
+    sidecar = json.loads((out / "sub-01" / "anat" / "sub-01_seg-mv_dseg.json").read_text())
+    assert sidecar["Registration"].startswith("DeepAtlas") and sidecar["DeepAtlasModel"] == "deepatlas.pt"
+    status = json.loads((out / "logs" / "status" / "sub-01.json").read_text())
+    assert status["registration"] == "deepatlas" and len(status["deepatlas_model"]["sha256"]) == 64
+    assert "DeepAtlas" in (out / "logs" / "CITATION.md").read_text()
+
+
+def test_xfm_reproduces_the_warped_atlas(demo_run):
+    """The written transform is the one the run used: applying it to the atlas labels gives the
+    warped labels the fusion got."""
+    import ants
+
+    out, demo, work = demo_run["out"], demo_run["demo"], demo_run["root"] / "work"
+    t1w = demo.bids_dir / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    atlas_dseg = demo.atlas_dir / "sub-a02" / "anat" / "sub-a02_dseg.nii.gz"
+    xfm = out / "sub-01" / "anat" / "sub-01_from-atlasa02_to-T1w_mode-image_xfm.h5"
+    applied = ants.apply_transforms(ants.image_read(str(t1w)), ants.image_read(str(atlas_dseg)),
+                                    [str(xfm)], interpolator="genericLabel").numpy()
+    used = next(work.rglob("sub_01_wf/multiatlas_wf/register_atlases/mapflow/_register_atlases1/"
+                           "atlas_dseg_warped.nii.gz"))
+    np.testing.assert_array_equal(applied.astype(np.int32),
+                                  np.asanyarray(nb.load(str(used)).dataobj).astype(np.int32))
+
+
+def test_one_shot_training_and_unknown_atlas(demo_data, tmp_path, capsys):
+    code = train_main([str(demo_data.atlas_dir), str(tmp_path / "one.pt"), "--atlases", "sub-a01",
+                       "--unlabelled", str(demo_data.bids_dir), "-w", str(tmp_path / "w"), *TINY])
+    assert code == 0
+    info = read_deepatlas_info(tmp_path / "one.pt")
+    assert info.train_settings["atlases"] == ["a01"] and info.train_settings["n_unlabelled"] == 2
+    capsys.readouterr()
+    code = train_main([str(demo_data.atlas_dir), str(tmp_path / "x.pt"), "--atlases", "zz",
+                       "-w", str(tmp_path / "w"), *TINY])
+    err = capsys.readouterr().err
+    assert code == 64 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("dlf-bids-train-deepatlas: error: atlas(es) zz not in")
+
+
+def test_cli_refuses_deepatlas_without_a_usable_model(demo_data, tmp_path, cli):
+    base = [str(demo_data.bids_dir), str(tmp_path / "out"), "participant", "--atlas-dir",
+            str(demo_data.atlas_dir), "--skip-bids-validation"]
+    code, _, err = cli(base + ["--registration", "deepatlas"])
+    assert code == 64 and "--deepatlas-model" in the_error_line(err)
+    code, _, err = cli(base + ["--registration", "deepatlas", "--deepatlas-model", str(tmp_path / "no.pt")])
+    assert code == 66 and "does not exist" in the_error_line(err)
+    code, _, err = cli(base + ["--deepatlas-model", str(tmp_path / "no.pt")])
+    assert code == 64 and "--registration deepatlas" in the_error_line(err)
+
+    # a DeepAtlas file without a reference grid (saved by the model API, not the training command)
+    from dlf_bids.models.deepatlas import DeepAtlas, DeepAtlasConfig
+    from dlf_bids.models.deepatlas_file import save_deepatlas
+
+    labels = (0, *read_label_table(demo_data.atlas_dir / "dseg.tsv").indices)
+    bare = save_deepatlas(tmp_path / "bare.pt", DeepAtlas(DeepAtlasConfig(
+        n_labels=len(labels), labels=labels, reg_channels=(4, 4, 4), seg_channels=(4, 4, 4))))
+    code, _, err = cli(base + ["--registration", "deepatlas", "--deepatlas-model", str(bare)])
+    assert code == 65 and "no reference grid" in the_error_line(err)
+    assert not (tmp_path / "out" / "sub-01").exists()
+
+
+def test_mne_sample_with_deepatlas(shared_data, tmp_path):
+    """The real 3 mm sample, atlases from three real FreeSurfer subjects."""
+    bids = tmp_path / "bids"
+    t1w = _bids_t1w(bids, "sample", shared_data / "mne-sample" / "sample_T1.mgz")
+    library = tmp_path / "atlases"
+    subjects = [str(shared_data / "fs-training" / f"sub-0{i}") for i in (1, 2, 3)]
+    assert fs2atlas_main([*subjects, "--library", str(library), "--voxel-size", "3", "--brain-only"]) == 0
+    model = tmp_path / "deepatlas.pt"
+    assert train_main([str(library), str(model), "--unlabelled", str(bids), "-w", str(tmp_path / "tw"),
+                       *TINY]) == 0
+    out = tmp_path / "out"
+    code = dlf_bids_main([str(bids), str(out), "participant", "--atlas-dir", str(library),
+                          "--registration", "deepatlas", "--deepatlas-model", str(model),
+                          "--fusion", "mv", "-w", str(tmp_path / "work"), "--nprocs", "2",
+                          "--skip-bids-validation"])
+    assert code == 0
+    seg = nb.load(str(out / "sub-sample" / "anat" / "sub-sample_seg-mv_dseg.nii.gz"))
+    assert seg.shape == nb.load(str(t1w)).shape
+    truth = np.asanyarray(nb.load(str(shared_data / "mne-sample" / "sample_aseg.mgz")).dataobj)
+    # aseg structures large enough at 3 mm (as tests/test_end_to_end.py)
+    labels = [2, 3, 4, 7, 8, 10, 11, 12, 13, 16, 17, 18, 41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54]
+    assert mean_dice(np.asanyarray(seg.dataobj), truth, labels) > 0.35
+
+
+def test_same_seed_same_model_and_segmentation(demo_run, tmp_path):
+    """CPU runs repeat: training again with the same seed gives the same weights, and segmenting
+    again (fresh work dir) gives the same label maps."""
+    import torch
+
+    demo = demo_run["demo"]
+    again = tmp_path / "again.pt"
+    assert train_main([str(demo.atlas_dir), str(again), "--unlabelled", str(demo.bids_dir),
+                       "-w", str(tmp_path / "train_work"), *TINY]) == 0
+    first = torch.load(demo_run["model"], weights_only=True)["state_dict"]
+    second = torch.load(again, weights_only=True)["state_dict"]
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+    out = tmp_path / "out"
+    assert dlf_bids_main([str(demo.bids_dir), str(out), "participant", "--atlas-dir",
+                          str(demo.atlas_dir), "--registration", "deepatlas", "--deepatlas-model",
+                          str(demo_run["model"]), "--fusion", "mv", "-w", str(tmp_path / "work"),
+                          "--nprocs", "2", "--participant-label", "01", "--skip-bids-validation"]) == 0
+    for method in ("mv", "deepatlas"):
+        name = f"sub-01/anat/sub-01_seg-{method}_dseg.nii.gz"
+        a = np.asanyarray(nb.load(str(demo_run["out"] / name)).dataobj)
+        b = np.asanyarray(nb.load(str(out / name)).dataobj)
+        np.testing.assert_array_equal(a, b)

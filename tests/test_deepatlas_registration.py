@@ -1,0 +1,101 @@
+"""DeepAtlas as a registration engine: the pure functions of dlf_bids.deepatlas_registration.
+
+The network's displacement (voxels of the reference grid) must mean the same thing once turned
+into an ANTs displacement field and composed with the two affines: these tests pin that with
+known fields on grids whose axes are permuted and flipped (FreeSurfer's LIA), where a sign or an
+axis mix-up would show.
+"""
+
+from __future__ import annotations
+
+import nibabel as nb
+import numpy as np
+import pytest
+import torch
+
+from dlf_bids.deepatlas_registration import (AlignedImage, align_to_reference, displacement_field,
+                                             make_reference_grid)
+from dlf_bids.models.deepatlas import warp_labels
+
+from conftest import blob_phantom
+
+LIA = np.array([[-2.0, 0, 0, 60], [0, 0, 2.0, -50], [0, -2.0, 0, 70], [0, 0, 0, 1]])
+
+
+def _save(path, data, affine=LIA):
+    img = nb.Nifti1Image(np.asarray(data), affine)
+    img.set_qform(affine, 1)
+    img.set_sform(affine, 1)
+    nb.save(img, str(path))
+    return path
+
+
+def _identity_affine(path):
+    import ants
+
+    ants.write_transform(ants.create_ants_transform(transform_type="AffineTransform", dimension=3),
+                         str(path))
+    return path
+
+
+@pytest.mark.parametrize("axis,shift", [(0, 2.0), (1, -3.0), (2, 1.0)])
+def test_displacement_field_matches_the_network_warp(tmp_path, axis, shift):
+    """ANTs, given our field, samples where MONAI's Warp samples: same labels on the grid."""
+    import ants
+
+    images, labels = blob_phantom(0, shape=(20, 22, 18))
+    image = images[0]
+    ref = _save(tmp_path / "ref.nii.gz", image.astype(np.float32))
+    lab = _save(tmp_path / "lab.nii.gz", labels.astype(np.int16))
+    ddf = np.zeros((3, *labels.shape), np.float32)
+    ddf[axis] = shift
+    expected = warp_labels(torch.from_numpy(labels.astype(np.float32))[None, None],
+                           torch.from_numpy(ddf)[None])[0, 0].numpy()
+
+    reference = ants.image_read(str(ref))
+    field = tmp_path / "field.nii.gz"
+    ants.image_write(displacement_field(ddf, reference), str(field))
+    ident = str(_identity_affine(tmp_path / "identity.mat"))
+    warped = ants.apply_transforms(reference, ants.image_read(str(lab)), [ident, str(field), ident],
+                                   whichtoinvert=[True, False, False],
+                                   interpolator="nearestNeighbor").numpy()
+    # MONAI pads with the border value where ANTs pads with 0: compare inside the shifted grid
+    inside = [slice(None)] * 3
+    n = int(abs(shift))
+    inside[axis] = slice(0, labels.shape[axis] - n) if shift > 0 else slice(n, None)
+    np.testing.assert_array_equal(warped[tuple(inside)], expected[tuple(inside)])
+    assert (labels != np.roll(labels, -int(shift), axis)).any()  # the shift matters
+
+
+def test_align_to_reference_undoes_a_translation(tmp_path):
+    """A subject moved by 8 mm comes back onto the reference grid, its labels with it."""
+    import ants
+
+    images, labels = blob_phantom(1, shape=(28, 28, 28))
+    image = images[0]
+    ref = _save(tmp_path / "ref.nii.gz", image.astype(np.float32))
+    moved = LIA.copy()
+    moved[:3, 3] += [8.0, -6.0, 4.0]
+    img = _save(tmp_path / "moved.nii.gz", image.astype(np.float32), moved)
+    lab = _save(tmp_path / "moved_dseg.nii.gz", labels.astype(np.int16), moved)
+    aligned = align_to_reference(img, ref, tmp_path / "align", seed=0, n_threads=1, labels_file=lab)
+    back = nb.load(str(aligned.labels_on_reference)).get_fdata()
+    overlap = np.mean(back[labels > 0] == labels[labels > 0])
+    # the moved labels read at the same world positions, without the alignment
+    ident = str(_identity_affine(tmp_path / "identity.mat"))
+    unaligned = ants.apply_transforms(ants.image_read(str(ref)), ants.image_read(str(lab)), [ident],
+                                      interpolator="nearestNeighbor").numpy()
+    before = np.mean(unaligned[labels > 0] == labels[labels > 0])
+    assert overlap > 0.9 and before < 0.7, (overlap, before)
+    assert isinstance(aligned, AlignedImage) and aligned.transform.is_file()
+
+
+def test_reference_grid_is_cropped_to_the_head(tmp_path):
+    data = np.zeros((40, 40, 40), np.float32)
+    data[10:30, 12:28, 5:35] = 100.0
+    src = _save(tmp_path / "t1w.nii.gz", data, np.diag([1.0, 1.0, 1.0, 1.0]))
+    ref = nb.load(str(make_reference_grid(src, 2.0, tmp_path / "ref.nii.gz", margin_voxels=1)))
+    assert np.allclose(ref.header.get_zooms()[:3], 2.0)
+    # 20 x 16 x 30 mm of head at 2 mm, plus one voxel of margin on each side (and resampling edges)
+    assert ref.shape[0] <= 10 + 4 and ref.shape[1] <= 8 + 4 and ref.shape[2] <= 15 + 4
+    assert ref.shape[0] >= 10 and ref.shape[1] >= 8 and ref.shape[2] >= 15
