@@ -52,6 +52,11 @@ def labelled_mm3(dseg: str) -> float:
 # label volumes of one map: 74 / 310 MiB at 128^3 / 256^3 voxels measured without Nipype, whose
 # ~150 MiB are added to the base
 LABEL_VOLUMES = (190.0, 17.0)
+# NeuroNet inference (--tissue-model): an estimate, not yet a measurement. Base: torch + MONAI
+# + the model + one sliding window's activations; per voxel: the image and its z-scored copy
+# (float32), then per output channel of every protocol MONAI's probability and count
+# accumulators and the native-grid copy (float32)
+NEURONET = (1000.0, 16.0, 12.0)  # (base MiB, bytes per voxel, bytes per voxel and channel)
 
 
 def n_voxels(path: Path | str) -> int:
@@ -87,6 +92,13 @@ def fusion_gb(method: str, voxels: int, n_atlases: int, n_labels: int,
     raise ValueError(f"unknown fusion method {method!r}")
 
 
+def neuronet_gb(voxels: int, channels: int) -> float:
+    """NeuroNet inference on a T1w of ``voxels`` voxels; ``channels``: the output channels of
+    all protocols together."""
+    base, per_voxel, per_channel = NEURONET
+    return _gb(base, per_voxel + per_channel * channels, voxels)
+
+
 def label_volumes_gb(voxels: int) -> float:
     return _gb(*LABEL_VOLUMES, voxels)
 
@@ -98,6 +110,7 @@ class MemoryPlan:
     registration: float
     fusion: dict[str, float]
     template_registration: float = 0.0  # T1w to the largest --output-spaces template (0: none)
+    neuronet: float = 0.0  # --tissue-model inference (0: none)
 
     @property
     def largest(self) -> tuple[str, float]:
@@ -105,6 +118,8 @@ class MemoryPlan:
                                                         for m, gb in self.fusion.items()}}
         if self.template_registration:
             needs["template registration"] = self.template_registration
+        if self.neuronet:
+            needs["NeuroNet"] = self.neuronet
         name = max(needs, key=needs.get)
         return name, needs[name]
 
@@ -135,9 +150,16 @@ def plan_for_run(config, t1w: Path | str, library) -> MemoryPlan:
     from .templates import registration_targets
 
     templates = [s.t1w for s in registration_targets(config.output_spaces).values()]
-    return plan_memory(t1w, [a.t1w for a in library.atlases], config.fusion,
+    plan = plan_memory(t1w, [a.t1w for a in library.atlases], config.fusion,
                        len(library.labels.indices), templates,
                        atlas_dsegs=[a.dseg for a in library.atlases])
+    if getattr(config, "tissue_model", None) is None:
+        return plan
+    from dataclasses import replace
+
+    from .neuronet_segmentation import model_outputs
+
+    return replace(plan, neuronet=neuronet_gb(n_voxels(t1w), model_outputs(str(config.tissue_model)).channels))
 
 
 def machine_memory_gb() -> float:

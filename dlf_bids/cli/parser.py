@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--dlf-probseg", action="store_true",
                      help="also write DLF's per-label probabilities as one 4D probseg image "
                           "(volume k = k-th label of the seg-dlf look-up table; large at 1 mm)")
+    seg.add_argument("--tissue-model", type=Path, metavar="FILE",
+                     help="a NeuroNet model (dlf-bids-train-neuronet): also write the tissue "
+                          "dseg + label-GM/WM/CSF probseg (sMRIPrep/fMRIPrep --derivatives form) "
+                          "and one seg-<protocol> dseg per other protocol of the model")
     seg.add_argument("--registration-preset", choices=sorted(REGISTRATION_PRESETS), default="quick",
                      help="ANTs registration: " + ", ".join(f"{k} = {v}" for k, v in
                                                              sorted(REGISTRATION_PRESETS.items())))

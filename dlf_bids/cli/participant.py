@@ -145,10 +145,12 @@ def expected_outputs(config: Config, anat) -> dict[str, Path]:
     from ..interfaces.bids import derivative_path
     from ..workflows.spaces import expected_space_outputs
 
+    from ..workflows.neuronet import expected_neuronet_outputs
+
     native = {m: derivative_path(config.output_dir, {"subject": anat.subject, **anat.entities,
                                                      "segmentation": m, "suffix": "dseg"})
               for m in config.fusion}
-    return {**native, **expected_space_outputs(config, anat)}
+    return {**native, **expected_space_outputs(config, anat), **expected_neuronet_outputs(config, anat)}
 
 
 def check_dlf_model(config: Config, library):
@@ -163,6 +165,36 @@ def check_dlf_model(config: Config, library):
     for warning in getattr(plan, "warnings", []):
         print(f"dlf-bids: warning: {warning}", file=sys.stderr)
     return info
+
+
+def check_tissue_model(config: Config):
+    """Read the NeuroNet model before any work (a bad file: exit 65); absent: one info line."""
+    if config.tissue_model is None:
+        _say("NeuroNet tissue segmentation: not run (no --tissue-model)")
+        return None
+    from ..neuronet_segmentation import model_outputs
+
+    outputs = model_outputs(str(config.tissue_model))
+    clash = sorted(set(outputs.other_protocols) & set(config.fusion))
+    if clash:
+        raise UsageError(f"tissue model protocol(s) {', '.join(clash)} have the name of a fusion "
+                         "method: both would write the same seg-<name> files")
+    written = (["dseg + GM/WM/CSF probseg"] if outputs.tissue_protocol else []) + \
+        [f"seg-{p}" for p in outputs.other_protocols]
+    _say(f"NeuroNet model {config.tissue_model.name} ({', '.join(written)}; "
+         f"sha256 {outputs.sha256[:12]})")
+    return outputs
+
+
+def write_neuronet_luts(output_dir: Path, outputs) -> None:
+    """Root look-up tables: ``dseg.tsv`` for the tissue dseg, ``seg-<protocol>_dseg.tsv`` else."""
+    from ..utils.derivatives import lut_path
+    from ..utils.labels import write_label_table
+
+    if outputs.tissue_protocol is not None:
+        write_label_table(outputs.luts[outputs.tissue_protocol], output_dir / "dseg.tsv")
+    for protocol in outputs.other_protocols:
+        write_label_table(outputs.luts[protocol], lut_path(output_dir, protocol))
 
 
 def run_reports_only(config: Config) -> int:
@@ -191,6 +223,7 @@ def run_participant_level(config: Config, validate_input) -> int:
     validate_input(config)
     library = load_atlas_library(config.atlas_dir)
     model_info = check_dlf_model(config, library) if "dlf" in config.fusion else None
+    neuronet = check_tissue_model(config)
     anatomicals, skipped = select_inputs(config)
     check_memory(config, anatomicals, library)
     _say(f"{len(anatomicals)} T1w image(s) to segment with {len(library.atlases)} atlases "
@@ -210,6 +243,8 @@ def run_participant_level(config: Config, validate_input) -> int:
     write_bidsignore(config.output_dir)
     write_readme(config.output_dir)
     write_method_luts(config.output_dir, config.fusion, library.labels)
+    if neuronet is not None:
+        write_neuronet_luts(config.output_dir, neuronet)
     log_dir = _configure_nipype(config)
 
     from ..execution import plugin_settings

@@ -34,13 +34,18 @@ def _fusion_methods(args) -> tuple[str, ...]:
 
 
 def _dlf_model(args) -> Path | None:
+    return _model_file(args.dlf_model, "DLF model")
+
+
+def _model_file(path: Path | None, what: str) -> Path | None:
+    """An optional model file, absolute; a path given but absent: exit 66."""
     from ..errors import MissingInputError
 
-    if args.dlf_model is None:
+    if path is None:
         return None
-    if not args.dlf_model.is_file():
-        raise MissingInputError(f"DLF model {args.dlf_model} does not exist")
-    return args.dlf_model.absolute()
+    if not path.is_file():
+        raise MissingInputError(f"{what} {path} does not exist")
+    return path.absolute()
 
 
 def _output_spaces(args):
@@ -93,6 +98,7 @@ def config_from_args(args) -> Config:
         fusion=_fusion_methods(args), registration_preset=args.registration_preset,
         dlf_model=_dlf_model(args), device=args.device, dlf_force=args.dlf_force_modalities,
         atlas_batch=args.atlas_batch, dlf_probseg=args.dlf_probseg,
+        tissue_model=_model_file(args.tissue_model, "tissue model"),
         output_spaces=output_spaces, templateflow_home=templateflow_home,
         nprocs=int(nprocs), omp_nthreads=args.omp_nthreads, mem_gb=mem_gb,
         plugin=plugin, plugin_args=plugin_args,

@@ -154,18 +154,24 @@ def train(args) -> Path:
     return result.out_file
 
 
-def main(argv=None) -> int:
-    prepare_environment()  # before build_parser imports torch and monai (and so matplotlib)
+def run_command(prog: str, parser_factory, action, argv=None) -> int:
+    """A training command's main: parse, run ``action(args)``, a :class:`DlfBidsError` as one
+    line and its exit code."""
+    prepare_environment()  # before the parser imports torch and monai (and so matplotlib)
     from .run import _setup_logging
 
-    args = build_parser().parse_args(argv)
+    args = parser_factory().parse_args(argv)
     _setup_logging(0)
     try:
-        train(args)
+        action(args)
     except DlfBidsError as err:
-        print(f"dlf-bids-train: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return err.exit_code
     return 0
+
+
+def main(argv=None) -> int:
+    return run_command("dlf-bids-train", build_parser, train, argv)
 
 
 if __name__ == "__main__":

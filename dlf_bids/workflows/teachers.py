@@ -1,0 +1,98 @@
+"""NeuroNet's teachers as Nipype workflows: from a raw T1w, the label map of every protocol.
+
+Per image (``case_<id>_wf``): the atlas library is registered to the image with the participant
+level's own registration node (so a run of the teachers and a later participant run share the
+work dir's cache), the warped labels are fused (``mv`` or ``jlf``) for ``multiatlas`` protocols,
+their union is the brain mask of Atropos for ``atropos`` protocols, and ``reference`` protocols
+read the label map that comes with the image. One ``labels_<protocol>`` node per protocol then
+makes the protocol's label map from its source (as is, or collapsed): which nodes exist follows
+from the protocol specs alone, so a new protocol is a spec, not code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from ..interfaces.teachers import AtroposTissue, BrainMaskFromLabels, ProtocolLabels
+from .multiatlas import FUSION_INTERFACES, init_register_atlases_node
+
+
+@dataclass(frozen=True)
+class TeacherCase:
+    """One training image: its id, raw T1w, the atlases registered to it and, for ``reference``
+    protocols, the label map that comes with it."""
+
+    case_id: str
+    t1w: Path
+    atlases: tuple = ()
+    reference: Path | None = None
+
+
+def init_teachers_wf(case: TeacherCase, protocols, preset: str = "quick", seed: int = 0,
+                     fusion: str = "mv", name: str | None = None):
+    """The teacher workflow of one image; ``outputnode.labels_<protocol>`` per protocol."""
+    sources = {p.recipe.source for p in protocols}
+    if sources & {"multiatlas", "atropos"} and len(case.atlases) < 1:
+        raise ValueError(f"case {case.case_id}: multi-atlas and Atropos teachers need atlases")
+    workflow = pe.Workflow(name=name or f"case_{case.case_id}_wf")
+    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
+    inputnode.inputs.t1w = str(case.t1w)
+    outputnode = pe.Node(niu.IdentityInterface(fields=[f"labels_{p.name}" for p in protocols]),
+                         name="outputnode")
+    source_of = {}
+    if sources & {"multiatlas", "atropos"}:
+        register = init_register_atlases_node(case.atlases, preset, seed, 1, warp_t2w=False)
+        workflow.connect(inputnode, "t1w", register, "target_t1w")
+    if "multiatlas" in sources:
+        fuse = pe.Node(FUSION_INTERFACES[fusion](), name=f"fuse_{fusion}")
+        workflow.connect([(inputnode, fuse, [("t1w", "target_t1w")]),
+                          (register, fuse, [("warped_dseg", "atlas_dseg")])])
+        if fusion == "jlf":
+            workflow.connect(register, "warped_t1w", fuse, "atlas_t1w")
+        source_of["multiatlas"] = (fuse, "out_dseg")
+    if "atropos" in sources:
+        mask = pe.Node(BrainMaskFromLabels(), name="brain_mask")
+        atropos = pe.Node(AtroposTissue(seed=seed), name="atropos")
+        workflow.connect([(register, mask, [("warped_dseg", "atlas_dseg")]),
+                          (inputnode, atropos, [("t1w", "t1w")]),
+                          (mask, atropos, [("out_mask", "mask")])])
+        source_of["atropos"] = (atropos, "out_classes")
+    for protocol in protocols:
+        labels = pe.Node(ProtocolLabels(protocol=protocol.to_dict()), name=f"labels_{protocol.name}")
+        workflow.connect(inputnode, "t1w", labels, "reference")
+        if protocol.recipe.source == "reference":
+            if case.reference is None:
+                raise ValueError(f"case {case.case_id} has no label map of its own for "
+                                 f"protocol {protocol.name}")
+            labels.inputs.source = str(case.reference)
+        else:
+            node, field = source_of[protocol.recipe.source]
+            workflow.connect(node, field, labels, "source")
+        workflow.connect(labels, "out_labels", outputnode, f"labels_{protocol.name}")
+    return workflow
+
+
+def init_neuronet_teachers_wf(cases, protocols, work_dir: Path, preset: str = "quick",
+                              seed: int = 0, fusion: str = "mv"):
+    """All training images' teachers in one graph (MultiProc runs the images in parallel)."""
+    workflow = pe.Workflow(name="neuronet_teachers_wf")
+    workflow.base_dir = str(work_dir)
+    workflow.add_nodes([init_teachers_wf(c, protocols, preset, seed, fusion) for c in cases])
+    return workflow
+
+
+def collect_teacher_labels(exec_graph, protocols) -> dict[str, dict[str, Path]]:
+    """``{case id: {protocol: label map}}`` from a finished teachers graph."""
+    wanted = {f"labels_{p.name}": p.name for p in protocols}
+    found: dict[str, dict[str, Path]] = {}
+    for node in exec_graph.nodes():
+        parts = node.fullname.split(".")
+        case = next((p[len("case_"):-len("_wf")] for p in parts
+                     if p.startswith("case_") and p.endswith("_wf")), None)
+        if case is not None and node.name in wanted:
+            found.setdefault(case, {})[wanted[node.name]] = Path(node.result.outputs.out_labels)
+    return found
