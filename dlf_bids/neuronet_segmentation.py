@@ -5,10 +5,11 @@ the three probability maps sMRIPrep/fMRIPrep read.
 
 **The model grid.** A network sees voxels, not millimetres: it must meet images in the orientation
 and at the voxel size it was trained on. Training and inference therefore both resample the T1w
-onto a RAS-aligned grid of the model's voxel size covering the image (:func:`to_model_grid`;
-nibabel's ``resample_to_output``), and inference brings each protocol's probabilities back onto the
-native grid by linear interpolation (a convex combination, so GM + WM + CSF stays <= 1) before
-the argmax. When the native grid already is that grid, nothing is resampled.
+onto a RAS-aligned grid of the model's voxel size covering the image (:func:`to_model_grid`), and
+inference brings each protocol's probabilities back onto the native grid before the argmax. When
+flipping and permuting axes is enough (the native grid is that grid in another voxel order) this
+is exact; otherwise it is nibabel's ``resample_to_output`` there and linear interpolation back (a
+convex combination, so GM + WM + CSF stays <= 1).
 """
 
 from __future__ import annotations
@@ -43,15 +44,38 @@ def on_model_grid(img, voxel_size) -> bool:
 
 
 def to_model_grid(img, voxel_size, order: int = 1):
-    """``img`` (3D) resampled onto the RAS grid of ``voxel_size`` (mm) covering it: ``order=1``
-    for images, ``order=0`` for label maps. Unchanged when already on such a grid."""
+    """``img`` (3D) on the RAS grid of ``voxel_size`` (mm) covering it: by flipping and permuting
+    its axes when that is enough (exact, no interpolation: e.g. FreeSurfer's LIA at the model's
+    voxel size), else resampled (``order=1`` for images, ``order=0`` for label maps)."""
     data = np.asanyarray(img.dataobj)
     # float for interpolation (an int16 image would be truncated); labels keep their integers
     img = nb.Nifti1Image(data.astype(np.float32) if order else data, img.affine)
-    if on_model_grid(img, voxel_size):
-        return img
+    canonical = nb.as_closest_canonical(img)
+    if on_model_grid(canonical, voxel_size):
+        return canonical
     return resample_to_output(img, voxel_sizes=tuple(float(v) for v in voxel_size), order=order,
                               mode="constant", cval=0.0)
+
+
+def _to_native(probs: np.ndarray, model_img, native) -> np.ndarray:
+    """(C, ...) probabilities on the model grid -> (C, native shape): the inverse flips and
+    permutations when the model grid is the native one reoriented, else linear per channel."""
+    from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
+
+    if on_model_grid(nb.as_closest_canonical(native), _spacing(model_img)):
+        back = ornt_transform(io_orientation(model_img.affine), io_orientation(native.affine))
+        return np.stack([apply_orientation(channel, back) for channel in probs])
+    out = np.empty((probs.shape[0], *native.shape[:3]), np.float32)
+    ref = (native.shape[:3], native.affine)
+    for c, channel in enumerate(probs):
+        moved = resample_from_to(nb.Nifti1Image(channel, model_img.affine), ref, order=1,
+                                 mode="constant", cval=1.0 if c == 0 else 0.0)
+        out[c] = np.asanyarray(moved.dataobj)
+    return out
+
+
+def _spacing(img) -> np.ndarray:
+    return np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))
 
 
 @dataclass
@@ -60,17 +84,6 @@ class NeuroNetResult:
     tissue_protocol: str | None = None  # the protocol with BIDS tissue labels, if any
     probsegs: dict[str, Path] = field(default_factory=dict)  # GM/WM/CSF -> float32 map
     provenance: dict = field(default_factory=dict)
-
-
-def _back_to_native(probs: np.ndarray, model_img, native) -> np.ndarray:
-    """(C, ...) probabilities on the model grid -> (C, native shape), linear per channel."""
-    out = np.empty((probs.shape[0], *native.shape[:3]), np.float32)
-    ref = (native.shape[:3], native.affine)
-    for c, channel in enumerate(probs):
-        moved = resample_from_to(nb.Nifti1Image(channel, model_img.affine), ref, order=1,
-                                 mode="constant", cval=1.0 if c == 0 else 0.0)
-        out[c] = np.asanyarray(moved.dataobj)
-    return out
 
 
 def _save_probability(data: np.ndarray, reference, out_file: Path) -> Path:
@@ -110,15 +123,13 @@ def neuronet_segment(t1w_file, model_file, out_dir, device: str = "cpu",
         preds = predict_volume(model, image, channel_values=info.channel_values, overlap=overlap,
                                device=device)
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     result = NeuroNetResult(dsegs={}, provenance={
         "ModelFile": Path(model_file).name, "ModelSHA256": info.sha256,
         "Protocols": [p.name for p in info.protocols], "VoxelSizeOfModel": list(voxel_size),
         "Modalities": ["T1w"] + (["noise"] if info.config.in_channels == 2 else [])})
-    same_grid = on_model_grid(native, voxel_size)
     for protocol in info.protocols:
-        probs = preds[protocol.name].probabilities
-        if not same_grid:
-            probs = _back_to_native(probs, grid_img, native)
+        probs = _to_native(preds[protocol.name].probabilities, grid_img, native)
         labels = protocol.channel_values[np.argmax(probs, axis=0)]
         result.dsegs[protocol.name] = save_labels(labels, t1w_file,
                                                   out_dir / f"{protocol.name}_dseg.nii.gz")

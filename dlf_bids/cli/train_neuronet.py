@@ -192,8 +192,9 @@ def train(args) -> Path:
     print(f"dlf-bids-train-neuronet: teachers ready in {time.time() - started:.0f} s; training "
           f"on a {voxel_size:g} mm grid", flush=True)
     result = train_neuronet(examples, protocols, config, settings, progress=True)
-    first = float(np.mean([h["loss"] for h in result.history[:10]]))
-    last = float(np.mean([h["loss"] for h in result.history[-10:]]))
+    k = max(1, min(10, len(result.history) // 2))  # windows that do not overlap
+    first = float(np.mean([h["loss"] for h in result.history[:k]]))
+    last = float(np.mean([h["loss"] for h in result.history[-k:]]))
     extra = {"voxel_size": [voxel_size] * 3, "teacher_fusion": args.teacher_fusion,
              "registration_preset": args.registration_preset, "network": args.network,
              "training_images": [c.case_id for c in cases],
@@ -201,7 +202,7 @@ def train(args) -> Path:
     out = save_neuronet(args.model_file, result.model, protocols, ["T1w"], modaug=result.modaug,
                         train_settings={**settings_dict(settings, result.history), **extra})
     print(f"dlf-bids-train-neuronet: model written to {out} in {time.time() - started:.0f} s "
-          f"(loss {first:.4f} -> {last:.4f}, mean of the first and last 10 iterations)")
+          f"(loss {first:.4f} -> {last:.4f}, mean of the first and last {k} iterations)")
     return out
 
 
