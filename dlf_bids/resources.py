@@ -52,11 +52,13 @@ def labelled_mm3(dseg: str) -> float:
 # label volumes of one map: 74 / 310 MiB at 128^3 / 256^3 voxels measured without Nipype, whose
 # ~150 MiB are added to the base
 LABEL_VOLUMES = (190.0, 17.0)
-# NeuroNet inference (--tissue-model): an estimate, not yet a measurement. Base: torch + MONAI
-# + the model + one sliding window's activations; per voxel: the image and its z-scored copy
-# (float32), then per output channel of every protocol MONAI's probability and count
-# accumulators and the native-grid copy (float32)
-NEURONET = (1000.0, 16.0, 12.0)  # (base MiB, bytes per voxel, bytes per voxel and channel)
+# NeuroNet inference (--tissue-model), neuronet_segment in a fresh process, "small" network, 64^3
+# windows, 49 output channels (atropos 4 + 45 labels): 744 MiB at 0.22 M voxels (3 mm demo),
+# 9808 MiB at 16.8 M voxels (256^3 1 mm fs-training T1). Base: torch + MONAI + the model + one
+# window's activations; per voxel: the image and its z-scored copy (16 bytes, assumed), the rest
+# per output channel (MONAI's probability and count accumulators, the native-grid copy): the split
+# between the two per-voxel terms is an assumption, the sum at 49 channels is measured
+NEURONET = (620.0, 16.0, 11.4)  # (base MiB, bytes per voxel, bytes per voxel and channel)
 
 
 def n_voxels(path: Path | str) -> int:

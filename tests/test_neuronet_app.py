@@ -125,6 +125,28 @@ def test_multiatlas_collapse_and_own_label_teachers(trained):
     assert mean_dice(structures, truth, range(1, 7)) > 0.5  # fused from the 2 other atlases
 
 
+def test_atropos_is_reproducible(trained, tmp_path):
+    from dlf_bids.teachers import atropos_tissue
+
+    atlas = trained["library"].atlases[0]
+    mask = next((trained["teachers"] / f"case_atlas_{atlas.atlas_id}_wf" / "brain_mask").glob("*.nii.gz"))
+    cached = trained["teachers"] / f"case_atlas_{atlas.atlas_id}_wf" / "atropos" / "atropos_classes.nii.gz"
+    again = atropos_tissue(atlas.t1w, mask, tmp_path / "again.nii.gz")
+    assert np.array_equal(np.asanyarray(nb.load(again).dataobj), np.asanyarray(nb.load(cached).dataobj))
+
+
+def test_training_images_from_a_bids_dataset(trained):
+    from dlf_bids.cli.train_neuronet import training_cases
+
+    data, library = trained["data"], trained["library"]
+    cases = training_cases(library, data.bids_dir, ["sub-01"], use_atlases=True)
+    assert [c.case_id for c in cases] == ["atlas_a01", "atlas_a02", "atlas_a03", "bids_sub_01_T1w"]
+    assert cases[0].atlases == library.atlases[1:] and cases[0].reference == library.atlases[0].dseg
+    bids = cases[-1]
+    assert bids.atlases == library.atlases and bids.reference is None
+    assert bids.t1w == data.bids_dir / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+
+
 # ---------------------------------------------------------------------------- model grid
 def test_model_grid_reorients_exactly_and_resamples_otherwise():
     from dlf_bids.neuronet_segmentation import _to_native, to_model_grid
@@ -224,6 +246,24 @@ def test_bad_or_missing_tissue_model_is_one_line_before_any_work(trained, tmp_pa
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").rglob("*_wf"))
 
 
+def test_foreign_or_incomplete_model_files_are_refused(trained, tmp_path, cli):
+    """A DLF model, or a NeuroNet file that does not say its voxel size: exit 65, one line."""
+    import torch
+
+    from dlf_bids.models.neuronet_training import save_neuronet
+
+    model, info = load_neuronet(trained["model"])
+    save_neuronet(tmp_path / "novoxel.pt", model, info.protocols, ["T1w"])
+    data = trained["data"]
+    base = [data.bids_dir, tmp_path / "out", "participant", "--atlas-dir", data.atlas_dir,
+            "--skip-bids-validation", "--tissue-model"]
+    code, _, err = cli([*base, tmp_path / "novoxel.pt"])
+    assert code == 65 and "does not say at which voxel size" in the_error_line(err)
+    torch.save({"format_version": 1, "dlf_config": {}}, tmp_path / "dlf.pt")
+    code, _, err = cli([*base, tmp_path / "dlf.pt"])
+    assert code == 65 and "is not a dlf-bids NeuroNet model" in the_error_line(err)
+
+
 def test_no_tissue_model_no_neuronet_step(trained, tmp_path):
     from dlf_bids.cli.participant import check_tissue_model
     from dlf_bids.config import Config
@@ -264,8 +304,12 @@ def test_memory_plan_counts_the_neuronet_node(trained, tmp_path):
     (["--protocols", "absent.yaml"], 66, "protocol file absent.yaml does not exist"),
     (["--no-atlas-images"], 64, "--no-atlas-images needs --bids-dir"),
     (["--protocols", "atropos", "atropos"], 64, "protocol names must differ"),
+    (["--bids-dir", "BIDS", "--protocols", "library"], 64, "need a label map with every"),
+    (["--bids-dir", "NOWHERE"], 66, "is not a BIDS dataset"),
+    (["--bids-dir", "BIDS", "--participant-label", "99"], 66, "no T1w image found"),
 ])
 def test_training_command_refuses_bad_input_in_one_line(demo_data, tmp_path, extra, code, message):
+    extra = [{"BIDS": demo_data.bids_dir, "NOWHERE": tmp_path / "nowhere"}.get(a, a) for a in extra]
     got, _, err = _run(train_main, [demo_data.atlas_dir, tmp_path / "m.pt", "-w", tmp_path / "w",
                                     *extra])
     lines = [line for line in err.splitlines() if "error" in line]

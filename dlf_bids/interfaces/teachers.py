@@ -33,7 +33,6 @@ class _AtroposInputSpec(BaseInterfaceInputSpec):
     t1w = File(exists=True, mandatory=True, desc="raw T1w")
     mask = File(exists=True, mandatory=True, desc="brain mask on the T1w grid")
     n_classes = traits.Int(3, usedefault=True, desc="Atropos classes")
-    seed = traits.Int(0, usedefault=True, desc="ANTS_RANDOM_SEED (shifted as for registration)")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="ITK threads")
 
 
@@ -53,7 +52,7 @@ class AtroposTissue(SimpleInterface):
         out = os.path.join(runtime.cwd, "atropos_classes.nii.gz")
         self._results["out_classes"] = str(atropos_tissue(
             self.inputs.t1w, self.inputs.mask, out, n_classes=self.inputs.n_classes,
-            seed=self.inputs.seed, n_threads=self.inputs.num_threads))
+            n_threads=self.inputs.num_threads))
         return runtime
 
 

@@ -56,7 +56,7 @@ def init_teachers_wf(case: TeacherCase, protocols, preset: str = "quick", seed: 
         source_of["multiatlas"] = (fuse, "out_dseg")
     if "atropos" in sources:
         mask = pe.Node(BrainMaskFromLabels(), name="brain_mask")
-        atropos = pe.Node(AtroposTissue(seed=seed), name="atropos")
+        atropos = pe.Node(AtroposTissue(), name="atropos")
         workflow.connect([(register, mask, [("warped_dseg", "atlas_dseg")]),
                           (inputnode, atropos, [("t1w", "t1w")]),
                           (mask, atropos, [("out_mask", "mask")])])
