@@ -43,6 +43,15 @@ def on_model_grid(img, voxel_size) -> bool:
     return spacing is not None and np.allclose(spacing, voxel_size, rtol=0.01)
 
 
+def reorients_onto_model_grid(img, voxel_size) -> bool:
+    """Whether flipping and permuting the axes puts ``img`` on the model grid (from its header:
+    the affine ``as_closest_canonical`` would give, without reading the voxels)."""
+    from nibabel.orientations import inv_ornt_aff, io_orientation
+
+    affine = img.affine @ inv_ornt_aff(io_orientation(img.affine), img.shape[:3])
+    return on_model_grid(nb.Nifti1Image(np.zeros((1, 1, 1), np.uint8), affine), voxel_size)
+
+
 def to_model_grid(img, voxel_size, order: int = 1):
     """``img`` (3D) on the RAS grid of ``voxel_size`` (mm) covering it: by flipping and permuting
     its axes when that is enough (exact, no interpolation: e.g. FreeSurfer's LIA at the model's
@@ -50,9 +59,8 @@ def to_model_grid(img, voxel_size, order: int = 1):
     data = np.asanyarray(img.dataobj)
     # float for interpolation (an int16 image would be truncated); labels keep their integers
     img = nb.Nifti1Image(data.astype(np.float32) if order else data, img.affine)
-    canonical = nb.as_closest_canonical(img)
-    if on_model_grid(canonical, voxel_size):
-        return canonical
+    if reorients_onto_model_grid(img, voxel_size):
+        return nb.as_closest_canonical(img)
     return resample_to_output(img, voxel_sizes=tuple(float(v) for v in voxel_size), order=order,
                               mode="constant", cval=0.0)
 
@@ -62,7 +70,7 @@ def _to_native(probs: np.ndarray, model_img, native) -> np.ndarray:
     permutations when the model grid is the native one reoriented, else linear per channel."""
     from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 
-    if on_model_grid(nb.as_closest_canonical(native), _spacing(model_img)):
+    if reorients_onto_model_grid(native, _spacing(model_img)):
         back = ornt_transform(io_orientation(model_img.affine), io_orientation(native.affine))
         return np.stack([apply_orientation(channel, back) for channel in probs])
     out = np.empty((probs.shape[0], *native.shape[:3]), np.float32)

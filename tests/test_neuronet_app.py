@@ -234,6 +234,14 @@ def test_participant_output_is_valid_bids(participant):
     assert_valid_bids(participant["out"])
 
 
+def test_group_level_tabulates_the_neuronet_protocols(participant, trained):
+    code, _, err = _run(dlf_bids_main, [trained["data"].bids_dir, participant["out"], "group"])
+    assert code == 0, err
+    for protocol in ("demotissue", "structures", "library"):
+        rows = (participant["out"] / f"group_seg-{protocol}_volumes.tsv").read_text().splitlines()
+        assert [r.split("\t")[0] for r in rows[1:]] == ["sub-02"]
+
+
 def test_bad_or_missing_tissue_model_is_one_line_before_any_work(trained, tmp_path, cli):
     data = trained["data"]
     base = [data.bids_dir, tmp_path / "out", "participant", "--atlas-dir", data.atlas_dir,
@@ -287,7 +295,7 @@ def test_no_tissue_model_no_neuronet_step(trained, tmp_path):
 
 def test_memory_plan_counts_the_neuronet_node(trained, tmp_path):
     from dlf_bids.config import Config
-    from dlf_bids.resources import n_voxels, neuronet_gb, plan_for_run
+    from dlf_bids.resources import MARGIN, MIB, NEURONET, n_voxels, neuronet_gb, plan_for_run
 
     data, library = trained["data"], trained["library"]
     t1w = data.bids_dir / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
@@ -296,7 +304,8 @@ def test_memory_plan_counts_the_neuronet_node(trained, tmp_path):
                     tissue_model=trained["model"])
     # 4 + 4 + 7 + 7 output channels (background included)
     assert plan_for_run(config, t1w, library).neuronet == pytest.approx(neuronet_gb(n_voxels(t1w), 22))
-    assert neuronet_gb(256**3, 22) > neuronet_gb(128**3, 22) > neuronet_gb(128**3, 4) > 1.0
+    base_gb = MARGIN * NEURONET[0] * MIB / 1e9  # torch, MONAI and the model
+    assert neuronet_gb(256**3, 22) > neuronet_gb(128**3, 22) > neuronet_gb(128**3, 4) > base_gb
 
 
 @pytest.mark.parametrize("extra, code, message", [
@@ -304,6 +313,8 @@ def test_memory_plan_counts_the_neuronet_node(trained, tmp_path):
     (["--protocols", "absent.yaml"], 66, "protocol file absent.yaml does not exist"),
     (["--no-atlas-images"], 64, "--no-atlas-images needs --bids-dir"),
     (["--protocols", "atropos", "atropos"], 64, "protocol names must differ"),
+    (["--protocols", "tissue"], 65, "protocol tissue does not map multiatlas label(s) 1, 6"),
+    (["--protocols", "aseg"], 65, "protocol aseg has no class for multiatlas label(s) 1, 6"),
     (["--bids-dir", "BIDS", "--protocols", "library"], 64, "need a label map with every"),
     (["--bids-dir", "NOWHERE"], 66, "is not a BIDS dataset"),
     (["--bids-dir", "BIDS", "--participant-label", "99"], 66, "no T1w image found"),

@@ -143,9 +143,8 @@ def expected_outputs(config: Config, anat) -> dict[str, Path]:
     """Every file the graph writes for this T1w: native segmentations by method, then (with
     --output-spaces) the template-space ones and transforms, so a failure there is reported."""
     from ..interfaces.bids import derivative_path
-    from ..workflows.spaces import expected_space_outputs
-
     from ..workflows.neuronet import expected_neuronet_outputs
+    from ..workflows.spaces import expected_space_outputs
 
     native = {m: derivative_path(config.output_dir, {"subject": anat.subject, **anat.entities,
                                                      "segmentation": m, "suffix": "dseg"})

@@ -153,7 +153,7 @@ def train(args) -> Path:
     from ..models.neuronet import NeuroNetConfig
     from ..models.neuronet_training import (NeuroNetTrainSettings, save_neuronet, settings_dict,
                                             train_neuronet)
-    from ..models.protocols import resolve_protocol
+    from ..models.protocols import check_source_values, resolve_protocol
     from ..utils.atlas_library import load_atlas_library
     from .parser import default_nprocs
 
@@ -161,6 +161,8 @@ def train(args) -> Path:
         raise UsageError("--no-atlas-images needs --bids-dir (there would be no training image)")
     library = load_atlas_library(args.atlas_dir)
     protocols = [resolve_protocol(w, library.labels) for w in args.protocols]
+    for protocol in protocols:
+        check_source_values(protocol, library.labels.indices)
     names = [p.name for p in protocols]
     if len(set(names)) != len(names):
         raise UsageError(f"protocol names must differ, got {', '.join(names)}")

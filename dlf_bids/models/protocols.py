@@ -45,6 +45,7 @@ __all__ = [
     "Protocol",
     "BUILTIN_PROTOCOLS",
     "builtin_protocol",
+    "check_source_values",
     "is_bids_tissue",
     "resolve_protocol",
     "collapse_labels",
@@ -319,3 +320,23 @@ def is_bids_tissue(protocol: Protocol) -> bool:
     (what sMRIPrep/fMRIPrep read as ``_dseg`` + ``label-*_probseg``)."""
     return [(lab.index, lab.abbreviation) for lab in protocol.classes.labels] == \
         [(1, "GM"), (2, "WM"), (3, "CSF")]
+
+
+def check_source_values(protocol: Protocol, library_indices, atropos_classes: int = 3) -> None:
+    """Refuse, before any teacher runs, a protocol that cannot take every value its source can
+    produce: the atlas library's labels (``multiatlas``, ``reference``) or the Atropos classes.
+    A ``labels`` protocol must list them as classes, a collapse must map them (one line,
+    :class:`BadDataError`, naming the first missing values)."""
+    if protocol.recipe.source == "atropos":
+        values = set(range(1, atropos_classes + 1))
+    else:
+        values = {int(v) for v in library_indices} - {0}
+    if protocol.recipe.kind == "labels":
+        missing = values - set(protocol.classes.indices)
+        how = "has no class for"
+    else:
+        missing = values - {v for _, vs in protocol.recipe.mapping for v in vs}
+        how = "does not map"
+    if missing:
+        shown = ", ".join(str(v) for v in sorted(missing)[:20])
+        raise BadDataError(f"protocol {protocol.name} {how} {protocol.recipe.source} label(s) {shown}")
