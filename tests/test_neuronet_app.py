@@ -230,6 +230,20 @@ def test_participant_label_values_probabilities_and_native_grid(participant, tra
     assert meta["Protocols"] == PROTOCOLS and len(meta["ModelSHA256"]) == 64
 
 
+def test_participant_methods_text_and_status_name_the_model(participant, trained):
+    from dlf_bids.models.model_file import model_hash
+
+    sha = model_hash(trained["model"])
+    citation = (participant["out"] / "logs" / "CITATION.md").read_text()
+    assert "NeuroNet" in citation and sha in citation and "Rajchl" in citation
+    assert "`seg-structures`" in citation
+    status = json.loads((participant["out"] / "logs" / "status" / "sub-02.json").read_text())
+    assert status["tissue_model"] == {"file": "neuronet.pt", "sha256": sha,
+                                      "tissue_protocol": "atropos",
+                                      "protocols": ["demotissue", "structures", "library"]}
+    assert "sub-02/anat/sub-02_label-GM_probseg.nii.gz" in status["outputs"]
+
+
 def test_participant_output_is_valid_bids(participant):
     assert_valid_bids(participant["out"])
 
