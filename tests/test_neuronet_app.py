@@ -230,6 +230,21 @@ def test_participant_label_values_probabilities_and_native_grid(participant, tra
     assert meta["Protocols"] == PROTOCOLS and len(meta["ModelSHA256"]) == 64
 
 
+def test_what_smriprep_queries_find(participant):
+    """sMRIPrep's --derivatives queries (its io_spec 'baseline') on niworkflows' entities."""
+    from bids import BIDSLayout
+    from niworkflows.data import load as nwf_load
+
+    layout = BIDSLayout(participant["out"], config=str(nwf_load("nipreps.json")), validate=False)
+    tpms = layout.get(subject="02", datatype="anat", label=["GM", "WM", "CSF"], suffix="probseg")
+    assert sorted(f.filename for f in tpms) == [f"sub-02_label-{k}_probseg.nii.gz"
+                                                for k in ("CSF", "GM", "WM")]
+    # nipreps.json has no seg entity: the dseg query also returns the seg-<name> maps (README)
+    dsegs = [f.filename for f in layout.get(subject="02", datatype="anat", suffix="dseg",
+                                            extension=[".nii.gz", ".nii"])]
+    assert "sub-02_dseg.nii.gz" in dsegs and len(dsegs) == 5
+
+
 def test_participant_methods_text_and_status_name_the_model(participant, trained):
     from dlf_bids.models.model_file import model_hash
 
