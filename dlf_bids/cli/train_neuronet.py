@@ -30,9 +30,10 @@ DEFAULT_PROTOCOLS = ("atropos", "structures")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dlf-bids-train-neuronet", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: dlf-bids-train-neuronet my-atlases neuronet.pt -w work "
-               "--protocols atropos structures library --iterations 2000\n"
-               "exit codes: 0 success, 1 a teacher failed, 2 bad arguments, 64 usage error, "
+               "--protocols atropos structures library --iterations 2000\n\n"
+               "exit codes: 0 success, 1 a teacher failed, 2 bad arguments, 64 usage error,\n"
                "65 bad input data, 66 missing input.")
     p.add_argument("atlas_dir", type=Path, help="atlas library: the teachers' atlases, and "
                                                 "training images unless --no-atlas-images")
