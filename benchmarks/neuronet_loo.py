@@ -107,7 +107,7 @@ def run_fold(args, all_dir: Path, held_out: str) -> dict:
     shutil.rmtree(test_work, ignore_errors=True)
     t0 = time.perf_counter()
     teacher_files = run_teachers([case], protocols, test_work, args.preset, args.seed,
-                                 args.fusion, args.nprocs)["heldout"]
+                                 args.fusion, args.nprocs)[0]["heldout"]
     teachers_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = neuronet_segment(t1w, model, fold / "neuronet-out", device=args.device)

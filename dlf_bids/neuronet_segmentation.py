@@ -105,11 +105,12 @@ def _save_probability(data: np.ndarray, reference, out_file: Path) -> Path:
 
 
 def neuronet_segment(t1w_file, model_file, out_dir, device: str = "cpu",
-                     overlap: float = 0.5, seed: int = 0) -> NeuroNetResult:
+                     overlap: float = 0.5, seed: int = 0, t2w_file=None) -> NeuroNetResult:
     """Segment a raw T1w with every protocol of a NeuroNet model file (see the module docstring).
 
-    A T1w + T2w model runs on the T1w alone only when it was trained with ModAug (the T2w channel
-    is then unit white noise, as in training); otherwise :class:`BadDataError`."""
+    A T1w + T2w model takes ``t2w_file`` (already on the T1w grid) as its second channel; without
+    one it runs only when it was trained with ModAug (the T2w channel is then unit white noise,
+    as in training), otherwise :class:`BadDataError`. A T1w model ignores ``t2w_file``."""
     import torch
 
     from .models.neuronet import predict_volume
@@ -121,12 +122,19 @@ def neuronet_segment(t1w_file, model_file, out_dir, device: str = "cpu",
     native = nb.load(str(t1w_file))
     grid_img = to_model_grid(native, voxel_size)
     image = np.asarray(grid_img.dataobj, dtype=np.float32)[None]
-    if info.config.in_channels == 2:
+    second = None
+    if info.config.in_channels == 2 and t2w_file is not None:
+        t2w = nb.load(str(t2w_file))
+        if t2w.shape[:3] != native.shape[:3] or not np.allclose(t2w.affine, native.affine, atol=1e-4):
+            raise BadDataError(f"{t2w_file} is not on the grid of {t1w_file}")
+        second = np.asarray(to_model_grid(t2w, voxel_size).dataobj, dtype=np.float32)
+    elif info.config.in_channels == 2:
         if not info.modaug:
             raise BadDataError(f"model {Path(model_file).name} needs a T2w and was not trained "
                                "with ModAug: it cannot run on the T1w alone")
-        noise = np.random.default_rng(seed).standard_normal(image.shape[1:]).astype(np.float32)
-        image = np.concatenate([image, noise[None]])
+        second = np.random.default_rng(seed).standard_normal(image.shape[1:]).astype(np.float32)
+    if second is not None:
+        image = np.concatenate([image, second[None]])
     with torch.inference_mode():
         preds = predict_volume(model, image, channel_values=info.channel_values, overlap=overlap,
                                device=device)
@@ -135,7 +143,7 @@ def neuronet_segment(t1w_file, model_file, out_dir, device: str = "cpu",
     result = NeuroNetResult(dsegs={}, provenance={
         "ModelFile": Path(model_file).name, "ModelSHA256": info.sha256,
         "Protocols": [p.name for p in info.protocols], "VoxelSizeOfModel": list(voxel_size),
-        "Modalities": ["T1w"] + (["noise"] if info.config.in_channels == 2 else [])})
+        "Modalities": ["T1w"] + ([] if second is None else ["T2w" if t2w_file else "noise"])})
     for protocol in info.protocols:
         probs = _to_native(preds[protocol.name].probabilities, grid_img, native)
         labels = protocol.channel_values[np.argmax(probs, axis=0)]
@@ -167,6 +175,7 @@ class ModelOutputs:
     luts: dict  # protocol -> LabelTable
     channels: int  # output channels of all protocols (memory)
     sha256: str
+    modalities: tuple[str, ...] = ("T1w",)  # the network's input channels
 
 
 @functools.lru_cache(maxsize=4)
@@ -181,4 +190,5 @@ def model_outputs(model_file: str) -> ModelOutputs:
     tissue = next((p.name for p in info.protocols if is_bids_tissue(p)), None)
     return ModelOutputs(tissue, tuple(p.name for p in info.protocols if p.name != tissue),
                         {p.name: p.classes for p in info.protocols},
-                        sum(p.n_classes for p in info.protocols), info.sha256)
+                        sum(p.n_classes for p in info.protocols), info.sha256,
+                        tuple(info.modalities))

@@ -147,6 +147,44 @@ def test_training_images_from_a_bids_dataset(trained):
     assert bids.t1w == data.bids_dir / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
 
 
+def test_t1w_t2w_model_runs_with_and_without_a_t2w(trained, tmp_path):
+    """--t2w: the atlases' T2w (registered onto their T1w) as a second channel, with ModAug; the
+    teachers come from the cache of the first training run (same work dir)."""
+    from dlf_bids.config import Config
+    from dlf_bids.neuronet_segmentation import neuronet_segment
+    from dlf_bids.utils.bids import AnatomicalInput
+    from dlf_bids.workflows.base import init_single_image_wf
+
+    root, data = trained["root"], trained["data"]
+    model = tmp_path / "t2w.pt"
+    code, _, err = _run(train_main, [data.atlas_dir, model, "-w", root / "work", "--protocols",
+                                     "atropos", "--t2w", *TRAIN_ARGS[:8], "--iterations", "3",
+                                     "--nprocs", "2", "--threads", "1"])
+    assert code == 0, err
+    _, info = load_neuronet(model)
+    assert info.modalities == ["T1w", "T2w"] and info.modaug and info.config.in_channels == 2
+    for case in ("a01", "a02", "a03"):  # registered onto each atlas's T1w grid
+        assert (root / "work" / "neuronet_teachers_wf" / f"case_atlas_{case}_wf" / "coregister_t2w"
+                / "T2w_on_T1w.nii.gz").is_file()
+    anat_dir = data.bids_dir / "sub-01" / "anat"  # the demo's T2w is on its T1w grid already
+    with_t2w = neuronet_segment(anat_dir / "sub-01_T1w.nii.gz", model, tmp_path / "a",
+                                t2w_file=anat_dir / "sub-01_T2w.nii.gz")
+    without = neuronet_segment(anat_dir / "sub-01_T1w.nii.gz", model, tmp_path / "b")
+    assert with_t2w.provenance["Modalities"] == ["T1w", "T2w"]
+    assert without.provenance["Modalities"] == ["T1w", "noise"]
+    for result in (with_t2w, without):
+        labels = np.asanyarray(nb.load(result.dsegs["atropos"]).dataobj)
+        assert set(np.unique(labels).tolist()) <= {0, 1, 2, 3}
+    # the participant graph registers the subject's T2w for the model
+    anat = AnatomicalInput("01", anat_dir / "sub-01_T1w.nii.gz", {}, t2w=anat_dir / "sub-01_T2w.nii.gz")
+    config = Config(bids_dir=data.bids_dir, output_dir=tmp_path / "out", analysis_level="participant",
+                    work_dir=tmp_path / "work", atlas_dir=data.atlas_dir, fusion=("mv",),
+                    tissue_model=model)
+    wf = init_single_image_wf(config, anat, trained["library"])
+    edges = [(u.name, v.name, d["connect"]) for u, v, d in wf._graph.edges(data=True)]
+    assert ("coregister_t2w_neuronet", "neuronet", [("t2w_on_t1w", "t2w")]) in edges
+
+
 # ---------------------------------------------------------------------------- model grid
 def test_model_grid_reorients_exactly_and_resamples_otherwise():
     from dlf_bids.neuronet_segmentation import _to_native, to_model_grid
@@ -374,7 +412,7 @@ def test_teachers_on_the_real_3mm_sample(shared_data, tmp_path):
     library = load_atlas_library(library_dir)
     protocols = [builtin_protocol(n) for n in ("atropos", "tissue", "aseg")]
     labels = run_teachers([TeacherCase("sample", t1w, library.atlases)], protocols,
-                          tmp_path / "work", "fast", 0, "mv", 2)["sample"]
+                          tmp_path / "work", "fast", 0, "mv", 2)[0]["sample"]
     aseg = np.asanyarray(nb.load(shared_data / "mne-sample" / "sample_aseg.mgz").dataobj)
     truth = collapse_labels(np.where(np.isin(aseg, [0, *sum(ASEG_TO_TISSUE.values(), [])]), aseg, 0),
                             ASEG_TO_TISSUE)

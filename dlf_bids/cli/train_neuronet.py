@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="subjects of --bids-dir to use (default all)")
     p.add_argument("--no-atlas-images", action="store_true",
                    help="do not train on the atlases themselves (needs --bids-dir)")
+    p.add_argument("--t2w", action="store_true",
+                   help="a T1w + T2w network trained with ModAug (T2w rigidly registered to the "
+                        "T1w; an image without T2w gets noise): it runs with or without a T2w")
     p.add_argument("--teacher-fusion", choices=["mv", "jlf"], default="jlf",
                    help="label fusion of the multi-atlas teacher (default jlf)")
     p.add_argument("--registration-preset", default="quick", help="fast, quick or accurate")
@@ -72,8 +75,10 @@ def _case_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
 
 
-def training_cases(library, bids_dir: Path | None, participants, use_atlases: bool):
-    """Atlases (each registered with the others) and BIDS T1w images (with every atlas)."""
+def training_cases(library, bids_dir: Path | None, participants, use_atlases: bool,
+                   with_t2w: bool = False):
+    """Atlases (each registered with the others) and BIDS T1w images (with every atlas); with
+    ``with_t2w``, each with its T2w when it has one (a BIDS T1w's: the same name, ``_T2w``)."""
     from ..workflows.teachers import TeacherCase
 
     cases = []
@@ -81,7 +86,7 @@ def training_cases(library, bids_dir: Path | None, participants, use_atlases: bo
         for atlas in library.atlases:
             others = tuple(a for a in library.atlases if a.atlas_id != atlas.atlas_id)
             cases.append(TeacherCase(f"atlas_{_case_id(atlas.atlas_id)}", atlas.t1w, others,
-                                     atlas.dseg))
+                                     atlas.dseg, atlas.t2w if with_t2w else None))
     if bids_dir is not None:
         if not (bids_dir / "dataset_description.json").is_file():
             raise MissingInputError(f"{bids_dir} is not a BIDS dataset (no dataset_description.json)")
@@ -91,8 +96,10 @@ def training_cases(library, bids_dir: Path | None, participants, use_atlases: bo
         if not found:
             raise MissingInputError(f"no T1w image found in {bids_dir}"
                                     + (f" for {', '.join(sorted(wanted))}" if wanted else ""))
-        cases += [TeacherCase(f"bids_{_case_id(p.name.split('.')[0])}", p, library.atlases)
-                  for p in found]
+        for p in found:
+            t2w = p.with_name(p.name.replace("_T1w.nii", "_T2w.nii"))
+            cases.append(TeacherCase(f"bids_{_case_id(p.name.split('.')[0])}", p, library.atlases,
+                                     t2w=t2w if with_t2w and t2w.is_file() else None))
     if not cases:
         raise UsageError("no training images: give --bids-dir or leave out --no-atlas-images")
     return cases
@@ -100,11 +107,13 @@ def training_cases(library, bids_dir: Path | None, participants, use_atlases: bo
 
 def run_teachers(cases, protocols, work_dir: Path, preset: str, seed: int, fusion: str,
                  nprocs: int):
-    """Run (or read back from the cache) every case's teachers: ``{case: {protocol: file}}``."""
+    """Run (or read back from the cache) every case's teachers: ``({case: {protocol: file}},
+    {case: T2w on the T1w grid})`` (the second only for cases with a T2w)."""
     from nipype import config as ncfg
 
     from ..execution import plugin_settings, quiet_nipype
-    from ..workflows.teachers import collect_teacher_labels, init_neuronet_teachers_wf
+    from ..workflows.teachers import (collect_case_outputs, collect_teacher_labels,
+                                      init_neuronet_teachers_wf)
 
     workflow = init_neuronet_teachers_wf(cases, protocols, work_dir, preset, seed, fusion)
     crash_dir = work_dir / "crash"
@@ -118,11 +127,14 @@ def run_teachers(cases, protocols, work_dir: Path, preset: str, seed: int, fusio
     except RuntimeError as exc:
         raise DlfBidsError(f"a teacher workflow failed (crash reports in {crash_dir}): "
                            f"{str(exc).splitlines()[0]}") from None
-    return collect_teacher_labels(graph, protocols)
+    return (collect_teacher_labels(graph, protocols),
+            collect_case_outputs(graph, "coregister_t2w", "t2w_on_t1w"))
 
 
-def load_examples(cases, labels, protocols, voxel_size: float):
-    """Images and teacher label maps on the model grid (:func:`to_model_grid`)."""
+def load_examples(cases, labels, protocols, voxel_size: float, t2ws=None, seed: int = 0):
+    """Images and teacher label maps on the model grid (:func:`to_model_grid`). With ``t2ws``
+    (``{case: T2w on its T1w grid}``, possibly empty) a second channel: the T2w, or unit white
+    noise for a case without one (what ModAug and inference put in place of a missing T2w)."""
     import nibabel as nb
     import numpy as np
 
@@ -130,13 +142,19 @@ def load_examples(cases, labels, protocols, voxel_size: float):
     from ..neuronet_segmentation import to_model_grid
 
     size = (voxel_size,) * 3
+    rng = np.random.default_rng(seed)
     examples = []
     for case in cases:
-        image = to_model_grid(nb.load(str(case.t1w)), size, order=1)
+        image = np.asarray(to_model_grid(nb.load(str(case.t1w)), size, order=1).dataobj, np.float32)
+        if t2ws is not None:
+            t2w = t2ws.get(case.case_id)
+            second = (np.asarray(to_model_grid(nb.load(str(t2w)), size, order=1).dataobj, np.float32)
+                      if t2w is not None else rng.standard_normal(image.shape).astype(np.float32))
+            image = np.stack([image, second])
         maps = {p.name: np.asarray(to_model_grid(nb.load(str(labels[case.case_id][p.name])), size,
                                                  order=0).dataobj).astype(np.int16)
                 for p in protocols}
-        examples.append(NeuroNetExample(np.asarray(image.dataobj, np.float32), maps, case.case_id))
+        examples.append(NeuroNetExample(image, maps, case.case_id))
     return examples
 
 
@@ -173,7 +191,8 @@ def train(args) -> Path:
     stem, widths, strides = NETWORKS[args.network]
     try:
         config = NeuroNetConfig({p.name: p.n_classes for p in protocols}, stem_channels=stem,
-                                widths=widths, strides=strides, crop_size=(args.crop_size,) * 3)
+                                widths=widths, strides=strides, crop_size=(args.crop_size,) * 3,
+                                in_channels=2 if args.t2w else 1)
         settings = NeuroNetTrainSettings(iterations=args.iterations, batch_size=args.batch_size,
                                          lr=args.lr, dice_weight=args.dice_weight, seed=args.seed,
                                          device=str(resolve_device(args.device)))
@@ -183,15 +202,20 @@ def train(args) -> Path:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
-    cases = training_cases(library, args.bids_dir, args.participant_label, not args.no_atlas_images)
+    cases = training_cases(library, args.bids_dir, args.participant_label,
+                           not args.no_atlas_images, args.t2w)
+    if args.t2w and not any(c.t2w for c in cases):
+        raise UsageError("--t2w: none of the training images has a T2w")
     started = time.time()
     print(f"dlf-bids-train-neuronet: {len(cases)} training image(s), protocols "
           f"{', '.join(names)}; teachers ({args.registration_preset} registration, "
           f"{args.teacher_fusion}) cached in {args.work_dir}", flush=True)
-    labels = run_teachers(cases, protocols, args.work_dir.absolute(), args.registration_preset,
-                          args.seed, args.teacher_fusion, args.nprocs or default_nprocs())
+    labels, t2ws = run_teachers(cases, protocols, args.work_dir.absolute(),
+                                args.registration_preset, args.seed, args.teacher_fusion,
+                                args.nprocs or default_nprocs())
     voxel_size = args.voxel_size or median_voxel_size(cases)
-    examples = load_examples(cases, labels, protocols, voxel_size)
+    examples = load_examples(cases, labels, protocols, voxel_size, t2ws if args.t2w else None,
+                             args.seed)
     print(f"dlf-bids-train-neuronet: teachers ready in {time.time() - started:.0f} s; training "
           f"on a {voxel_size:g} mm grid", flush=True)
     result = train_neuronet(examples, protocols, config, settings, progress=True)
@@ -202,7 +226,8 @@ def train(args) -> Path:
              "registration_preset": args.registration_preset, "network": args.network,
              "training_images": [c.case_id for c in cases],
              "atlases": [f"sub-{a.atlas_id}" for a in library.atlases]}
-    out = save_neuronet(args.model_file, result.model, protocols, ["T1w"], modaug=result.modaug,
+    modalities = ["T1w", "T2w"] if args.t2w else ["T1w"]
+    out = save_neuronet(args.model_file, result.model, protocols, modalities, modaug=result.modaug,
                         train_settings={**settings_dict(settings, result.history), **extra})
     print(f"dlf-bids-train-neuronet: model written to {out} in {time.time() - started:.0f} s "
           f"(loss {first:.4f} -> {last:.4f}, mean of the first and last {k} iterations)")

@@ -8,6 +8,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, OutputMultiObj
 class _NeuroNetInputSpec(BaseInterfaceInputSpec):
     t1w = File(exists=True, mandatory=True, desc="raw T1w (header-validated); the output grid")
     model_file = File(exists=True, mandatory=True, desc="NeuroNet model (dlf-bids-train-neuronet)")
+    t2w = File(exists=True, desc="T2w on the T1w grid (T1w + T2w models)")
     tissue_protocol = traits.Str(desc="protocol written as the BIDS tissue dseg + probsegs")
     other_protocols = traits.List(traits.Str, desc="protocols written as seg-<protocol> dsegs")
     device = traits.Str("cpu", usedefault=True, nohash=True, desc="auto, cpu or cuda")
@@ -35,7 +36,7 @@ class NeuroNetSegment(SimpleInterface):
 
         torch.set_num_threads(max(1, self.inputs.num_threads))
         result = neuronet_segment(self.inputs.t1w, self.inputs.model_file, runtime.cwd,
-                                  device=self.inputs.device)
+                                  device=self.inputs.device, t2w_file=self.inputs.t2w or None)
         if self.inputs.tissue_protocol:
             self._results["out_tissue"] = str(result.dsegs[self.inputs.tissue_protocol])
             self._results["out_probseg"] = [str(result.probsegs[k]) for k in TISSUE_LABELS]

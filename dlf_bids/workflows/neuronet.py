@@ -3,7 +3,8 @@
 The protocol with the BIDS common tissue labels becomes ``<image>_dseg.nii.gz`` and
 ``<image>_label-{GM,WM,CSF}_probseg.nii.gz`` (the names and label values sMRIPrep and fMRIPrep
 read through ``--derivatives``); every other protocol of the model becomes
-``<image>_seg-<protocol>_dseg.nii.gz``. The node reads only the T1w and the model: no atlas.
+``<image>_seg-<protocol>_dseg.nii.gz``. The node reads only the T1w (and, for a T1w + T2w
+model, the subject's T2w rigidly registered onto it) and the model: no atlas.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from nipype.pipeline import engine as pe
 
 from ..interfaces.bids import DerivativesDataSink
 from ..interfaces.neuronet import NeuroNetSegment
+from ..interfaces.registration import CoregisterT2w
 from ..neuronet_segmentation import TISSUE_LABELS, model_outputs
 from ..utils.bids import bids_uri
 
@@ -30,6 +32,12 @@ def connect_neuronet(workflow, t1w_source, config, anat, mem_gb: float) -> None:
                                        bids_uri(anat.t1w, config.bids_dir, "raw")]}),
                    name="neuronet", n_procs=threads, mem_gb=mem_gb)
     workflow.connect(*t1w_source, node, "t1w")
+    if "T2w" in outputs.modalities and anat.t2w is not None:
+        # the model's own T2w registration: DLF's exists only when DLF uses the T2w
+        coregister = pe.Node(CoregisterT2w(t2w=str(anat.t2w), seed=config.seed),
+                             name="coregister_t2w_neuronet")
+        workflow.connect([(t1w_source[0], coregister, [(t1w_source[1], "t1w")]),
+                          (coregister, node, [("t2w_on_t1w", "t2w")])])
 
     def sink(name, **entities):
         return pe.Node(DerivativesDataSink(base_directory=str(config.output_dir),

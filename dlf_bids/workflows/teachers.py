@@ -17,24 +17,28 @@ from pathlib import Path
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
+from ..interfaces.registration import CoregisterT2w
 from ..interfaces.teachers import AtroposTissue, BrainMaskFromLabels, ProtocolLabels
 from .multiatlas import FUSION_INTERFACES, init_register_atlases_node
 
 
 @dataclass(frozen=True)
 class TeacherCase:
-    """One training image: its id, raw T1w, the atlases registered to it and, for ``reference``
-    protocols, the label map that comes with it."""
+    """One training image: its id, raw T1w, the atlases registered to it, for ``reference``
+    protocols the label map that comes with it, and its T2w (any grid) for T1w + T2w models."""
 
     case_id: str
     t1w: Path
     atlases: tuple = ()
     reference: Path | None = None
+    t2w: Path | None = None
 
 
 def init_teachers_wf(case: TeacherCase, protocols, preset: str = "quick", seed: int = 0,
                      fusion: str = "mv", name: str | None = None):
-    """The teacher workflow of one image; ``outputnode.labels_<protocol>`` per protocol."""
+    """The teacher workflow of one image; ``outputnode.labels_<protocol>`` per protocol, and a
+    ``coregister_t2w`` node (the T2w on the T1w grid, the network's second input) when the case
+    has a T2w."""
     sources = {p.recipe.source for p in protocols}
     if sources & {"multiatlas", "atropos"} and len(case.atlases) < 1:
         raise ValueError(f"case {case.case_id}: multi-atlas and Atropos teachers need atlases")
@@ -61,6 +65,9 @@ def init_teachers_wf(case: TeacherCase, protocols, preset: str = "quick", seed: 
                           (inputnode, atropos, [("t1w", "t1w")]),
                           (mask, atropos, [("out_mask", "mask")])])
         source_of["atropos"] = (atropos, "out_classes")
+    if case.t2w is not None:
+        coregister = pe.Node(CoregisterT2w(t2w=str(case.t2w), seed=seed), name="coregister_t2w")
+        workflow.connect(inputnode, "t1w", coregister, "t1w")
     for protocol in protocols:
         labels = pe.Node(ProtocolLabels(protocol=protocol.to_dict()), name=f"labels_{protocol.name}")
         workflow.connect(inputnode, "t1w", labels, "reference")
@@ -87,12 +94,19 @@ def init_neuronet_teachers_wf(cases, protocols, work_dir: Path, preset: str = "q
 
 def collect_teacher_labels(exec_graph, protocols) -> dict[str, dict[str, Path]]:
     """``{case id: {protocol: label map}}`` from a finished teachers graph."""
-    wanted = {f"labels_{p.name}": p.name for p in protocols}
     found: dict[str, dict[str, Path]] = {}
+    for p in protocols:
+        for case, path in collect_case_outputs(exec_graph, f"labels_{p.name}", "out_labels").items():
+            found.setdefault(case, {})[p.name] = path
+    return found
+
+
+def collect_case_outputs(exec_graph, node_name: str, field: str) -> dict[str, Path]:
+    """``{case id: file}``: the ``field`` output of every case's ``node_name`` node."""
+    found = {}
     for node in exec_graph.nodes():
-        parts = node.fullname.split(".")
-        case = next((p[len("case_"):-len("_wf")] for p in parts
+        case = next((p[len("case_"):-len("_wf")] for p in node.fullname.split(".")
                      if p.startswith("case_") and p.endswith("_wf")), None)
-        if case is not None and node.name in wanted:
-            found.setdefault(case, {})[wanted[node.name]] = Path(node.result.outputs.out_labels)
+        if case is not None and node.name == node_name:
+            found[case] = Path(getattr(node.result.outputs, field))
     return found
