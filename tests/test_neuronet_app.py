@@ -130,7 +130,8 @@ def test_atropos_is_reproducible(trained, tmp_path):
 
     atlas = trained["library"].atlases[0]
     mask = next((trained["teachers"] / f"case_atlas_{atlas.atlas_id}_wf" / "brain_mask").glob("*.nii.gz"))
-    cached = trained["teachers"] / f"case_atlas_{atlas.atlas_id}_wf" / "atropos" / "atropos_classes.nii.gz"
+    cached = (trained["teachers"] / f"case_atlas_{atlas.atlas_id}_wf" / "atropos_k3"
+              / "atropos_classes.nii.gz")
     again = atropos_tissue(atlas.t1w, mask, tmp_path / "again.nii.gz")
     assert np.array_equal(np.asanyarray(nb.load(again).dataobj), np.asanyarray(nb.load(cached).dataobj))
 

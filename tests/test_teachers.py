@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from dlf_bids.errors import BadDataError, MissingInputError
-from dlf_bids.models.protocols import (builtin_protocol, check_source_values, is_bids_tissue,
-                                       resolve_protocol)
+from dlf_bids.models.protocols import (Protocol, builtin_protocol, check_source_values,
+                                       is_bids_tissue, resolve_protocol)
 from dlf_bids.teachers import atropos_tissue, brain_mask_from_labels, protocol_labels, rank_by_intensity
 from dlf_bids.utils.labels import Label, LabelTable
 
@@ -84,9 +84,40 @@ def test_protocols_are_checked_against_what_their_source_gives(tmp_path):
                     "labels: {kind: collapse, source: reference, map: {'1': [1, 2]}}\n")
     with pytest.raises(BadDataError, match="ab does not map reference label.s. 5"):
         check_source_values(resolve_protocol(str(spec)), LIBRARY.indices)
+    # an Atropos protocol says how many classes it wants by mapping them all; a gap is refused
+    four = resolve_protocol("atropos").to_dict()
+    four["labels"]["map"] = {"3": [1], "1": [2, 3], "2": [4]}
+    assert Protocol.from_dict(four).recipe.atropos_classes == 4
+    check_source_values(Protocol.from_dict(four), LIBRARY.indices)
+    four["labels"]["map"] = {"3": [1], "1": [2], "2": [4]}
+    with pytest.raises(BadDataError, match="atropos does not map atropos label.s. 3$"):
+        check_source_values(Protocol.from_dict(four), LIBRARY.indices)
     with pytest.raises(MissingInputError):
         resolve_protocol(str(tmp_path / "absent.json"))
     with pytest.raises(BadDataError, match="takes its classes from an atlas library"):
         resolve_protocol("structures")
     assert is_bids_tissue(builtin_protocol("atropos")) and is_bids_tissue(builtin_protocol("tissue"))
     assert not is_bids_tissue(resolve_protocol("library", LIBRARY))
+
+
+def test_teacher_graph_follows_the_protocol_specs(tmp_path):
+    """Which nodes a case gets is decided by the specs alone (built, not run)."""
+    from dlf_bids.utils.atlas_library import Atlas
+    from dlf_bids.workflows.teachers import TeacherCase, init_teachers_wf
+
+    files = {n: _save(np.ones((4, 4, 4), np.int16), tmp_path / f"{n}.nii.gz")
+             for n in ("t1w", "a_t1w", "a_dseg", "own", "t2w")}
+    four = resolve_protocol("atropos").to_dict()
+    four.update(name="atropos4", labels={"kind": "atropos", "map": {"3": [1], "1": [2, 3], "2": [4]}})
+    protocols = [resolve_protocol("atropos"), Protocol.from_dict(four),
+                 resolve_protocol("structures", LIBRARY), resolve_protocol("library", LIBRARY)]
+    case = TeacherCase("x", files["t1w"], (Atlas("a", files["a_t1w"], files["a_dseg"]),),
+                       files["own"], files["t2w"])
+    wf = init_teachers_wf(case, protocols, preset="fast", fusion="jlf")
+    edges = {(u.name, v.name) for u, v in wf._graph.edges()}
+    assert {("atropos_k3", "labels_atropos"), ("atropos_k4", "labels_atropos4"),
+            ("fuse_jlf", "labels_structures"), ("inputnode", "coregister_t2w")} <= edges
+    assert wf.get_node("labels_library").inputs.source == str(files["own"])
+    only_own = init_teachers_wf(TeacherCase("y", files["t1w"], (), files["own"]),
+                                [resolve_protocol("library", LIBRARY)])
+    assert sorted(only_own.list_node_names()) == ["inputnode", "labels_library", "outputnode"]

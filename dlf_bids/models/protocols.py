@@ -123,6 +123,12 @@ class LabelRecipe:
     def map_dict(self) -> dict[int, tuple[int, ...]]:
         return dict(self.mapping)
 
+    @property
+    def atropos_classes(self) -> int:
+        """Classes Atropos is asked for: the largest class its map names (an ``atropos`` recipe
+        says how many tissues it separates by mapping each of them)."""
+        return max((v for _, vs in self.mapping for v in vs), default=0)
+
     def to_dict(self) -> dict:
         out = {"kind": self.kind, "source": self.source}
         if self.mapping:
@@ -322,13 +328,14 @@ def is_bids_tissue(protocol: Protocol) -> bool:
         [(1, "GM"), (2, "WM"), (3, "CSF")]
 
 
-def check_source_values(protocol: Protocol, library_indices, atropos_classes: int = 3) -> None:
+def check_source_values(protocol: Protocol, library_indices) -> None:
     """Refuse, before any teacher runs, a protocol that cannot take every value its source can
-    produce: the atlas library's labels (``multiatlas``, ``reference``) or the Atropos classes.
-    A ``labels`` protocol must list them as classes, a collapse must map them (one line,
+    produce: the atlas library's labels (``multiatlas``, ``reference``) or the Atropos classes
+    (1 to :attr:`LabelRecipe.atropos_classes`, so a gap in the map is refused). A ``labels``
+    protocol must list them as classes, a collapse must map them (one line,
     :class:`BadDataError`, naming the first missing values)."""
     if protocol.recipe.source == "atropos":
-        values = set(range(1, atropos_classes + 1))
+        values = set(range(1, protocol.recipe.atropos_classes + 1))
     else:
         values = {int(v) for v in library_indices} - {0}
     if protocol.recipe.kind == "labels":

@@ -60,11 +60,13 @@ def init_teachers_wf(case: TeacherCase, protocols, preset: str = "quick", seed: 
         source_of["multiatlas"] = (fuse, "out_dseg")
     if "atropos" in sources:
         mask = pe.Node(BrainMaskFromLabels(), name="brain_mask")
-        atropos = pe.Node(AtroposTissue(), name="atropos")
-        workflow.connect([(register, mask, [("warped_dseg", "atlas_dseg")]),
-                          (inputnode, atropos, [("t1w", "t1w")]),
-                          (mask, atropos, [("out_mask", "mask")])])
-        source_of["atropos"] = (atropos, "out_classes")
+        workflow.connect(register, "warped_dseg", mask, "atlas_dseg")
+        # one Atropos run per class count the protocols ask for (the built-in: 3)
+        for n in sorted({p.recipe.atropos_classes for p in protocols if p.recipe.source == "atropos"}):
+            atropos = pe.Node(AtroposTissue(n_classes=n), name=f"atropos_k{n}")
+            workflow.connect([(inputnode, atropos, [("t1w", "t1w")]),
+                              (mask, atropos, [("out_mask", "mask")])])
+            source_of[f"atropos_k{n}"] = (atropos, "out_classes")
     if case.t2w is not None:
         coregister = pe.Node(CoregisterT2w(t2w=str(case.t2w), seed=seed), name="coregister_t2w")
         workflow.connect(inputnode, "t1w", coregister, "t1w")
@@ -77,7 +79,10 @@ def init_teachers_wf(case: TeacherCase, protocols, preset: str = "quick", seed: 
                                  f"protocol {protocol.name}")
             labels.inputs.source = str(case.reference)
         else:
-            node, field = source_of[protocol.recipe.source]
+            key = protocol.recipe.source
+            if key == "atropos":
+                key = f"atropos_k{protocol.recipe.atropos_classes}"
+            node, field = source_of[key]
             workflow.connect(node, field, labels, "source")
         workflow.connect(labels, "out_labels", outputnode, f"labels_{protocol.name}")
     return workflow
