@@ -9,6 +9,7 @@ on the real 3 mm sample when ``../shared/data`` is there.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -64,9 +65,10 @@ def trained(demo_data, tmp_path_factory):
     spec = root / "demotissue.yaml"
     spec.write_text(DEMO_TISSUE)
     model = root / "neuronet.pt"
+    # T1w + T2w (the demo atlases have a T2w): ModAug, so it also runs on sub-02, who has none
     code, out, err = _run(train_main, [demo_data.atlas_dir, model, "-w", root / "work",
                                        "--protocols", "atropos", spec, "structures", "library",
-                                       *TRAIN_ARGS])
+                                       "--t2w", *TRAIN_ARGS])
     return {"code": code, "out": out, "err": err, "model": model, "root": root,
             "teachers": root / "work" / "neuronet_teachers_wf", "data": demo_data,
             "library": load_atlas_library(demo_data.atlas_dir)}
@@ -86,7 +88,11 @@ def test_training_command_writes_a_model_with_its_metadata(trained):
     assert [(c.index, c.abbreviation) for c in info.protocols[0].classes.labels] == \
         [(1, "GM"), (2, "WM"), (3, "CSF")]
     assert info.protocols[3].classes == trained["library"].labels  # the library's own LUT
-    assert info.modalities == ["T1w"] and info.normalisation == "volume-zscore"
+    assert info.modalities == ["T1w", "T2w"] and info.modaug and info.config.in_channels == 2
+    assert info.normalisation == "volume-zscore"
+    for case in ("a01", "a02", "a03"):  # each T2w registered onto its atlas's T1w grid
+        assert (trained["teachers"] / f"case_atlas_{case}_wf" / "coregister_t2w"
+                / "T2w_on_T1w.nii.gz").is_file()
     assert info.train_settings["voxel_size"] == [3.0, 3.0, 3.0]
     assert info.train_settings["training_images"] == ["atlas_a01", "atlas_a02", "atlas_a03"]
     assert info.versions["dlf_bids"] and info.created
@@ -149,24 +155,12 @@ def test_training_images_from_a_bids_dataset(trained):
 
 
 def test_t1w_t2w_model_runs_with_and_without_a_t2w(trained, tmp_path):
-    """--t2w: the atlases' T2w (registered onto their T1w) as a second channel, with ModAug; the
-    teachers come from the cache of the first training run (same work dir)."""
     from dlf_bids.config import Config
     from dlf_bids.neuronet_segmentation import neuronet_segment
     from dlf_bids.utils.bids import AnatomicalInput
     from dlf_bids.workflows.base import init_single_image_wf
 
-    root, data = trained["root"], trained["data"]
-    model = tmp_path / "t2w.pt"
-    code, _, err = _run(train_main, [data.atlas_dir, model, "-w", root / "work", "--protocols",
-                                     "atropos", "--t2w", *TRAIN_ARGS[:8], "--iterations", "3",
-                                     "--nprocs", "2", "--threads", "1"])
-    assert code == 0, err
-    _, info = load_neuronet(model)
-    assert info.modalities == ["T1w", "T2w"] and info.modaug and info.config.in_channels == 2
-    for case in ("a01", "a02", "a03"):  # registered onto each atlas's T1w grid
-        assert (root / "work" / "neuronet_teachers_wf" / f"case_atlas_{case}_wf" / "coregister_t2w"
-                / "T2w_on_T1w.nii.gz").is_file()
+    data, model = trained["data"], trained["model"]
     anat_dir = data.bids_dir / "sub-01" / "anat"  # the demo's T2w is on its T1w grid already
     with_t2w = neuronet_segment(anat_dir / "sub-01_T1w.nii.gz", model, tmp_path / "a",
                                 t2w_file=anat_dir / "sub-01_T2w.nii.gz")
@@ -184,6 +178,28 @@ def test_t1w_t2w_model_runs_with_and_without_a_t2w(trained, tmp_path):
     wf = init_single_image_wf(config, anat, trained["library"])
     edges = [(u.name, v.name, d["connect"]) for u, v, d in wf._graph.edges(data=True)]
     assert ("coregister_t2w_neuronet", "neuronet", [("t2w_on_t1w", "t2w")]) in edges
+
+
+def test_a_t1w_model_on_a_reoriented_image(trained, tmp_path):
+    """The one-channel path: an untrained T1w network (weights do not change shapes or grids)."""
+    import torch
+
+    from dlf_bids.models.neuronet import NeuroNet
+    from dlf_bids.models.neuronet_training import save_neuronet
+    from dlf_bids.neuronet_segmentation import neuronet_segment
+
+    _, info = load_neuronet(trained["model"])
+    torch.manual_seed(0)
+    network = NeuroNet(dataclasses.replace(info.config, in_channels=1))
+    model = tmp_path / "t1w.pt"
+    save_neuronet(model, network, info.protocols, ["T1w"], train_settings={"voxel_size": [3.0] * 3})
+    t1w = trained["data"].bids_dir / "sub-02" / "anat" / "sub-02_T1w.nii.gz"
+    result = neuronet_segment(t1w, model, tmp_path / "out", t2w_file=t1w)  # a T2w is ignored
+    assert result.provenance["Modalities"] == ["T1w"] and result.tissue_protocol == "atropos"
+    native = nb.load(t1w)
+    for path in [*result.dsegs.values(), *result.probsegs.values()]:
+        img = nb.load(path)
+        assert img.shape == native.shape and np.allclose(img.affine, native.affine, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------- model grid
@@ -267,6 +283,7 @@ def test_participant_label_values_probabilities_and_native_grid(participant, tra
     meta = json.loads((anat / "sub-02_dseg.json").read_text())
     assert meta["Sources"] == ["bids:raw:sub-02/anat/sub-02_T1w.nii.gz"]
     assert meta["Protocols"] == PROTOCOLS and len(meta["ModelSHA256"]) == 64
+    assert meta["Modalities"] == ["T1w", "noise"]  # sub-02 has no T2w: ModAug's noise
 
 
 def test_what_smriprep_queries_find(participant):
@@ -329,7 +346,7 @@ def test_foreign_or_incomplete_model_files_are_refused(trained, tmp_path, cli):
     from dlf_bids.models.neuronet_training import save_neuronet
 
     model, info = load_neuronet(trained["model"])
-    save_neuronet(tmp_path / "novoxel.pt", model, info.protocols, ["T1w"])
+    save_neuronet(tmp_path / "novoxel.pt", model, info.protocols, info.modalities)
     data = trained["data"]
     base = [data.bids_dir, tmp_path / "out", "participant", "--atlas-dir", data.atlas_dir,
             "--skip-bids-validation", "--tissue-model"]
