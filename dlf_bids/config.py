@@ -33,6 +33,7 @@ class Config:
     dlf_force: bool = False  # feed noise for a missing modality even without ModAug
     atlas_batch: int = 4  # atlases per DLF forward pass (bounds memory)
     dlf_probseg: bool = False  # also write DLF's per-label probabilities (one 4D probseg)
+    tissue_model: Path | None = None  # NeuroNet model (dlf-bids-train-neuronet); None: no step
     # --output-spaces: templates, resolved to files in templateflow_home before any work
     output_spaces: tuple[OutputSpace, ...] = ()
     templateflow_home: Path | None = None

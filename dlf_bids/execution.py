@@ -14,6 +14,7 @@ Ready files are in the repository's ``workflows/plugins/``.
 from __future__ import annotations
 
 import getpass
+from contextlib import contextmanager
 import os
 from pathlib import Path
 
@@ -51,6 +52,24 @@ def load_plugin_config(path: Path) -> tuple[str, dict]:
     if unknown:
         raise UsageError(f"plugin config {path}: unknown key(s) {', '.join(sorted(unknown))}")
     return match, dict(args)
+
+
+@contextmanager
+def torch_without_thread_pool():
+    """Run torch work (a model check) in this process with one thread, then restore the count.
+
+    MultiProc forks its workers from this process; once torch has run a parallel region here,
+    its OpenMP pool exists and a forked worker that runs torch hangs forever in it (measured:
+    a convolution here, then one in each worker). With one thread no pool is started.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def plugin_settings(plugin: str, file_args: dict | None, nprocs: int, mem_gb: float | None,

@@ -56,6 +56,13 @@ def labelled_mm3(dseg: str) -> float:
 # label volumes of one map: 74 / 310 MiB at 128^3 / 256^3 voxels measured without Nipype, whose
 # ~150 MiB are added to the base
 LABEL_VOLUMES = (190.0, 17.0)
+# NeuroNet inference (--tissue-model), neuronet_segment in a fresh process, "small" network, 64^3
+# windows, 49 output channels (atropos 4 + 45 labels): 744 MiB at 0.22 M voxels (3 mm demo),
+# 9808 MiB at 16.8 M voxels (256^3 1 mm fs-training T1). Base: torch + MONAI + the model + one
+# window's activations; per voxel: the image and its z-scored copy (16 bytes, assumed), the rest
+# per output channel (MONAI's probability and count accumulators, the native-grid copy): the split
+# between the two per-voxel terms is an assumption, the sum at 49 channels is measured
+NEURONET = (620.0, 16.0, 11.4)  # (base MiB, bytes per voxel, bytes per voxel and channel)
 
 
 def n_voxels(path: Path | str) -> int:
@@ -97,6 +104,13 @@ def fusion_gb(method: str, voxels: int, n_atlases: int, n_labels: int,
     raise ValueError(f"unknown fusion method {method!r}")
 
 
+def neuronet_gb(voxels: int, channels: int) -> float:
+    """NeuroNet inference on a T1w of ``voxels`` voxels; ``channels``: the output channels of
+    all protocols together."""
+    base, per_voxel, per_channel = NEURONET
+    return _gb(base, per_voxel + per_channel * channels, voxels)
+
+
 def label_volumes_gb(voxels: int) -> float:
     return _gb(*LABEL_VOLUMES, voxels)
 
@@ -109,6 +123,7 @@ class MemoryPlan:
     fusion: dict[str, float]
     template_registration: float = 0.0  # T1w to the largest --output-spaces template (0: none)
     deepatlas: float = 0.0  # a DeepAtlas node, with --registration deepatlas (0: ANTs registers)
+    neuronet: float = 0.0  # --tissue-model inference (0: none)
 
     @property
     def largest(self) -> tuple[str, float]:
@@ -117,6 +132,8 @@ class MemoryPlan:
         needs = {**registration, **{f"{m} fusion": gb for m, gb in self.fusion.items()}}
         if self.template_registration:
             needs["template registration"] = self.template_registration
+        if self.neuronet:
+            needs["NeuroNet"] = self.neuronet
         name = max(needs, key=needs.get)
         return name, needs[name]
 
@@ -148,9 +165,16 @@ def plan_for_run(config, t1w: Path | str, library) -> MemoryPlan:
     from .templates import registration_targets
 
     templates = [s.t1w for s in registration_targets(config.output_spaces).values()]
-    return plan_memory(t1w, [a.t1w for a in library.atlases], config.fusion,
+    plan = plan_memory(t1w, [a.t1w for a in library.atlases], config.fusion,
                        len(library.labels.indices), templates,
                        atlas_dsegs=[a.dseg for a in library.atlases], engine=config.registration)
+    if getattr(config, "tissue_model", None) is None:
+        return plan
+    from dataclasses import replace
+
+    from .neuronet_segmentation import model_outputs
+
+    return replace(plan, neuronet=neuronet_gb(n_voxels(t1w), model_outputs(str(config.tissue_model)).channels))
 
 
 def machine_memory_gb() -> float:

@@ -44,6 +44,7 @@ class RunStatus:
     elapsed_s: float | None = None
     version: str | None = None
     packages: dict = field(default_factory=dict)  # {"nipype": "1.11.0", ...}: see package_versions
+    tissue_model: dict | None = None  # NeuroNet: {"file": name, "sha256": hex, "protocols": [...]}
 
     def __post_init__(self):
         if self.status not in STATUSES:

@@ -332,7 +332,7 @@ def test_collapse_of_a_real_aseg_volume():
 
 def test_networks_do_not_import_nipype():
     code = ("import sys; import dlf_bids.models.neuronet, dlf_bids.models.neuronet_training, "
-            "dlf_bids.models.protocols; "
+            "dlf_bids.models.protocols, dlf_bids.teachers, dlf_bids.neuronet_segmentation; "
             "bad = [m for m in sys.modules if m.split('.')[0] == 'nipype' or "
             "m.startswith(('dlf_bids.interfaces', 'dlf_bids.workflows'))]; print(bad); sys.exit(bool(bad))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "the network's own seg-deepatlas and each atlas-to-T1w transform)")
     seg.add_argument("--deepatlas-model", type=Path, metavar="FILE",
                      help="a trained DeepAtlas model (from dlf-bids-train-deepatlas)")
+    seg.add_argument("--tissue-model", type=Path, metavar="FILE",
+                     help="a NeuroNet model (dlf-bids-train-neuronet): also write the tissue "
+                          "dseg + label-GM/WM/CSF probseg (sMRIPrep/fMRIPrep --derivatives form) "
+                          "and one seg-<protocol> dseg per other protocol of the model")
     seg.add_argument("--registration-preset", choices=sorted(REGISTRATION_PRESETS), default="quick",
                      help="ANTs registration: " + ", ".join(f"{k} = {v}" for k, v in
                                                              sorted(REGISTRATION_PRESETS.items())))

@@ -143,13 +143,15 @@ def expected_outputs(config: Config, anat) -> dict[str, Path]:
     """Every file the graph writes for this T1w: native segmentations by method, then (with
     --output-spaces) the template-space ones and transforms, so a failure there is reported."""
     from ..interfaces.bids import derivative_path
+    from ..workflows.neuronet import expected_neuronet_outputs
     from ..workflows.spaces import expected_space_outputs
 
     methods = list(config.fusion) + (["deepatlas"] if config.registration == "deepatlas" else [])
     native = {m: derivative_path(config.output_dir, {"subject": anat.subject, **anat.entities,
                                                      "segmentation": m, "suffix": "dseg"})
               for m in methods}
-    return {**native, **expected_space_outputs(config, anat)}
+    return {**native, **expected_space_outputs(config, anat),
+            **expected_neuronet_outputs(config, anat)}
 
 
 def check_deepatlas_model(config: Config):
@@ -179,9 +181,11 @@ def deepatlas_label_table(info):
 
 def check_dlf_model(config: Config, library):
     """Refuse a model that cannot segment with this library before any work is done."""
+    from ..execution import torch_without_thread_pool
     from ..models.model_file import check_model_fits, load_model
 
-    _, info = load_model(config.dlf_model)
+    with torch_without_thread_pool():
+        _, info = load_model(config.dlf_model)
     modalities = ["T1w"] + (["T2w"] if library.has_t2w else [])
     plan = check_model_fits(info, library.labels.indices, modalities, force=config.dlf_force)
     _say(f"DLF model {config.dlf_model.name} ({', '.join(info.modalities)}"
@@ -189,6 +193,39 @@ def check_dlf_model(config: Config, library):
     for warning in getattr(plan, "warnings", []):
         print(f"dlf-bids: warning: {warning}", file=sys.stderr)
     return info
+
+
+def check_tissue_model(config: Config):
+    """Read the NeuroNet model before any work (a bad file: exit 65); absent: one info line."""
+    if config.tissue_model is None:
+        _say("NeuroNet tissue segmentation: not run (no --tissue-model)")
+        return None
+    from ..execution import torch_without_thread_pool
+    from ..neuronet_segmentation import model_outputs
+
+    with torch_without_thread_pool():
+        outputs = model_outputs(str(config.tissue_model))
+    methods = set(config.fusion) | ({"deepatlas"} if config.registration == "deepatlas" else set())
+    clash = sorted(set(outputs.other_protocols) & methods)
+    if clash:
+        raise UsageError(f"tissue model protocol(s) {', '.join(clash)} have the name of a fusion "
+                         "method: both would write the same seg-<name> files")
+    written = (["dseg + GM/WM/CSF probseg"] if outputs.tissue_protocol else []) + \
+        [f"seg-{p}" for p in outputs.other_protocols]
+    _say(f"NeuroNet model {config.tissue_model.name} ({', '.join(written)}; "
+         f"sha256 {outputs.sha256[:12]})")
+    return outputs
+
+
+def write_neuronet_luts(output_dir: Path, outputs) -> None:
+    """Root look-up tables: ``dseg.tsv`` for the tissue dseg, ``seg-<protocol>_dseg.tsv`` else."""
+    from ..utils.derivatives import lut_path
+    from ..utils.labels import write_label_table
+
+    if outputs.tissue_protocol is not None:
+        write_label_table(outputs.luts[outputs.tissue_protocol], output_dir / "dseg.tsv")
+    for protocol in outputs.other_protocols:
+        write_label_table(outputs.luts[protocol], lut_path(output_dir, protocol))
 
 
 def run_reports_only(config: Config) -> int:
@@ -218,6 +255,7 @@ def run_participant_level(config: Config, validate_input) -> int:
     library = load_atlas_library(config.atlas_dir)
     model_info = check_dlf_model(config, library) if "dlf" in config.fusion else None
     deepatlas_info = check_deepatlas_model(config) if config.registration == "deepatlas" else None
+    neuronet = check_tissue_model(config)
     anatomicals, skipped = select_inputs(config)
     check_memory(config, anatomicals, library)
     _say(f"{len(anatomicals)} T1w image(s) to segment with {len(library.atlases)} atlases "
@@ -239,6 +277,8 @@ def run_participant_level(config: Config, validate_input) -> int:
     write_method_luts(config.output_dir, config.fusion, library.labels)
     if deepatlas_info is not None:
         write_method_luts(config.output_dir, ["deepatlas"], deepatlas_label_table(deepatlas_info))
+    if neuronet is not None:
+        write_neuronet_luts(config.output_dir, neuronet)
     log_dir = _configure_nipype(config)
 
     from ..execution import plugin_settings

@@ -33,13 +33,18 @@ def _fusion_methods(args) -> tuple[str, ...]:
     return tuple(dict.fromkeys(methods))
 
 
-def _model_path(path: Path | None, what: str) -> Path | None:
+def _dlf_model(args) -> Path | None:
+    return _model_file(args.dlf_model, "DLF model")
+
+
+def _model_file(path: Path | None, what: str) -> Path | None:
+    """An optional model file, absolute; a path given but absent: exit 66."""
     from ..errors import MissingInputError
 
     if path is None:
         return None
     if not path.is_file():
-        raise MissingInputError(f"{what} model {path} does not exist")
+        raise MissingInputError(f"{what} {path} does not exist")
     return path.absolute()
 
 
@@ -49,7 +54,7 @@ def _deepatlas_model(args) -> Path | None:
                          "(see dlf-bids-train-deepatlas)")
     if args.registration != "deepatlas" and args.deepatlas_model is not None:
         raise UsageError("--deepatlas-model is used by --registration deepatlas only")
-    return _model_path(args.deepatlas_model, "DeepAtlas")
+    return _model_file(args.deepatlas_model, "DeepAtlas model")
 
 
 def _output_spaces(args):
@@ -101,8 +106,9 @@ def config_from_args(args) -> Config:
         bids_database_dir=args.bids_database_dir.absolute() if args.bids_database_dir else None,
         fusion=_fusion_methods(args), registration_preset=args.registration_preset,
         registration=args.registration, deepatlas_model=_deepatlas_model(args),
-        dlf_model=_model_path(args.dlf_model, "DLF"), device=args.device, dlf_force=args.dlf_force_modalities,
+        dlf_model=_dlf_model(args), device=args.device, dlf_force=args.dlf_force_modalities,
         atlas_batch=args.atlas_batch, dlf_probseg=args.dlf_probseg,
+        tissue_model=_model_file(args.tissue_model, "tissue model"),
         output_spaces=output_spaces, templateflow_home=templateflow_home,
         nprocs=int(nprocs), omp_nthreads=args.omp_nthreads, mem_gb=mem_gb,
         plugin=plugin, plugin_args=plugin_args,

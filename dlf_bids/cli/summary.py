@@ -29,6 +29,7 @@ def summarise(config: Config, anatomicals, skipped, started: float, log_dir: Pat
                   packages=package_versions(),
                   dlf_model={"file": config.dlf_model.name, "sha256": model_info.sha256}
                   if model_info is not None else None,
+                  tissue_model=_tissue_model(config),
                   started=_iso(started), finished=_iso(time.time()),
                   elapsed_s=round(time.time() - started, 1))
     failed = []
@@ -74,6 +75,17 @@ def _by_subject(skipped) -> dict[str, str]:
     for subject, reason in skipped:
         reasons.setdefault(subject, []).append(reason)
     return {subject: "; ".join(r) for subject, r in reasons.items()}
+
+
+def _tissue_model(config: Config) -> dict | None:
+    """The NeuroNet model of the run, for the status records and the methods text."""
+    if config.tissue_model is None:
+        return None
+    from ..neuronet_segmentation import model_outputs
+
+    outputs = model_outputs(str(config.tissue_model))
+    return {"file": config.tissue_model.name, "sha256": outputs.sha256,
+            "tissue_protocol": outputs.tissue_protocol, "protocols": list(outputs.other_protocols)}
 
 
 def _iso(timestamp: float) -> str:

@@ -154,16 +154,16 @@ def train(args) -> Path:
     return result.out_file
 
 
-def run_command(prog: str, build_parser, work, argv=None) -> int:
-    """The shell of every training command: environment first (``build_parser`` imports torch),
-    then ``work(args)``; a dlf-bids error is one line on stderr and its exit code."""
-    prepare_environment()
+def run_command(prog: str, parser_factory, action, argv=None) -> int:
+    """A training command's main: parse, run ``action(args)``, a :class:`DlfBidsError` as one
+    line and its exit code."""
+    prepare_environment()  # before the parser imports torch and monai (and so matplotlib)
     from .run import _setup_logging
 
-    args = build_parser().parse_args(argv)
+    args = parser_factory().parse_args(argv)
     _setup_logging(0)
     try:
-        work(args)
+        action(args)
     except DlfBidsError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return err.exit_code

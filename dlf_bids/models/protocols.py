@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..errors import BadDataError
+from ..errors import BadDataError, MissingInputError
 from ..utils.labels import Label, LabelTable, read_label_table
 from .inference import labels_to_channels
 from .model_file import _labels_to_dicts
@@ -43,7 +43,11 @@ __all__ = [
     "SOURCES",
     "LabelRecipe",
     "Protocol",
+    "BUILTIN_PROTOCOLS",
     "builtin_protocol",
+    "check_source_values",
+    "is_bids_tissue",
+    "resolve_protocol",
     "collapse_labels",
     "load_protocol",
 ]
@@ -118,6 +122,12 @@ class LabelRecipe:
     @property
     def map_dict(self) -> dict[int, tuple[int, ...]]:
         return dict(self.mapping)
+
+    @property
+    def atropos_classes(self) -> int:
+        """Classes Atropos is asked for: the largest class its map names (an ``atropos`` recipe
+        says how many tissues it separates by mapping each of them)."""
+        return max((v for _, vs in self.mapping for v in vs), default=0)
 
     def to_dict(self) -> dict:
         out = {"kind": self.kind, "source": self.source}
@@ -252,10 +262,29 @@ def _aseg_rows() -> list[dict]:
         return _labels_to_dicts(read_label_table(path))
 
 
-def builtin_protocol(name: str) -> Protocol:
-    """``"tissue"``: GM 1, WM 2, CSF 3 collapsed from FreeSurfer aseg labels of the multi-atlas
-    fusion (:data:`ASEG_TO_TISSUE`); ``"aseg"``: the FreeSurfer aseg structure labels themselves."""
+# Atropos classes ranked by mean T1w intensity (1 darkest) -> BIDS common labels: on a T1w the
+# darkest brain class is CSF, then GM, then WM
+ATROPOS_TO_TISSUE = {3: [1], 1: [2], 2: [3]}
+#: built-in protocol names; "structures" and "library" take their classes from the atlas library
+BUILTIN_PROTOCOLS = ("atropos", "tissue", "aseg", "structures", "library")
+
+
+def builtin_protocol(name: str, library_labels: LabelTable | None = None) -> Protocol:
+    """``"atropos"``: GM 1, WM 2, CSF 3 from a 3-class Atropos segmentation inside the atlases'
+    brain mask (:data:`ATROPOS_TO_TISSUE`); ``"tissue"``: GM 1, WM 2, CSF 3 collapsed from
+    FreeSurfer aseg labels of the multi-atlas fusion (:data:`ASEG_TO_TISSUE`); ``"aseg"``: the
+    FreeSurfer aseg structure labels of the multi-atlas fusion; ``"structures"``: the labels of
+    ``library_labels`` (an atlas library's table) from multi-atlas fusion; ``"library"``: the same
+    labels as they come with the image itself (an atlas's own label map)."""
+    if name in ("structures", "library") and library_labels is None:
+        raise ValueError(f"protocol {name!r} takes its classes from an atlas library")
+    lib_rows = (lambda: _labels_to_dicts(library_labels))
     specs = {
+        "atropos": lambda: {"name": "atropos", "classes": TISSUE_CLASSES,
+                            "description": "GM/WM/CSF from ANTs Atropos (N4, k-means, MRF) in the "
+                                           "multi-atlas brain mask",
+                            "labels": {"kind": "atropos", "source": "atropos",
+                                       "map": {str(k): v for k, v in ATROPOS_TO_TISSUE.items()}}},
         "tissue": lambda: {"name": "tissue", "classes": TISSUE_CLASSES,
                            "description": "GM/WM/CSF collapsed from multi-atlas FreeSurfer aseg labels",
                            "labels": {"kind": "collapse", "source": "multiatlas",
@@ -263,7 +292,58 @@ def builtin_protocol(name: str) -> Protocol:
         "aseg": lambda: {"name": "aseg", "classes": _aseg_rows(),
                          "description": "FreeSurfer aseg structures from multi-atlas label fusion",
                          "labels": {"kind": "labels", "source": "multiatlas"}},
+        "structures": lambda: {"name": "structures", "classes": lib_rows(),
+                               "description": "the atlas library's labels from multi-atlas label fusion",
+                               "labels": {"kind": "labels", "source": "multiatlas"}},
+        "library": lambda: {"name": "library", "classes": lib_rows(),
+                            "description": "the label maps that come with the training images",
+                            "labels": {"kind": "labels", "source": "reference"}},
     }
     if name not in specs:
         raise ValueError(f"no built-in protocol {name!r} (built-in: {', '.join(sorted(specs))})")
     return Protocol.from_dict(specs[name]())
+
+
+def resolve_protocol(word: str, library_labels: LabelTable | None = None) -> Protocol:
+    """A built-in protocol's name (:data:`BUILTIN_PROTOCOLS`) or a protocol file (JSON/YAML):
+    adding a protocol is writing such a file. :class:`BadDataError` for an unknown name."""
+    if word in BUILTIN_PROTOCOLS:
+        try:
+            return builtin_protocol(word, library_labels)
+        except ValueError as exc:
+            raise BadDataError(str(exc)) from None
+    path = Path(word)
+    if path.suffix.lower() in (".json", ".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise MissingInputError(f"protocol file {path} does not exist")
+        return load_protocol(path)
+    raise BadDataError(f"unknown protocol {word!r}: neither built-in ({', '.join(BUILTIN_PROTOCOLS)}) "
+                       "nor a protocol file")
+
+
+def is_bids_tissue(protocol: Protocol) -> bool:
+    """Whether the protocol's classes are exactly the BIDS common tissue labels 1 GM, 2 WM, 3 CSF
+    (what sMRIPrep/fMRIPrep read as ``_dseg`` + ``label-*_probseg``)."""
+    return [(lab.index, lab.abbreviation) for lab in protocol.classes.labels] == \
+        [(1, "GM"), (2, "WM"), (3, "CSF")]
+
+
+def check_source_values(protocol: Protocol, library_indices) -> None:
+    """Refuse, before any teacher runs, a protocol that cannot take every value its source can
+    produce: the atlas library's labels (``multiatlas``, ``reference``) or the Atropos classes
+    (1 to :attr:`LabelRecipe.atropos_classes`, so a gap in the map is refused). A ``labels``
+    protocol must list them as classes, a collapse must map them (one line,
+    :class:`BadDataError`, naming the first missing values)."""
+    if protocol.recipe.source == "atropos":
+        values = set(range(1, protocol.recipe.atropos_classes + 1))
+    else:
+        values = {int(v) for v in library_indices} - {0}
+    if protocol.recipe.kind == "labels":
+        missing = values - set(protocol.classes.indices)
+        how = "has no class for"
+    else:
+        missing = values - {v for _, vs in protocol.recipe.mapping for v in vs}
+        how = "does not map"
+    if missing:
+        shown = ", ".join(str(v) for v in sorted(missing)[:20])
+        raise BadDataError(f"protocol {protocol.name} {how} {protocol.recipe.source} label(s) {shown}")

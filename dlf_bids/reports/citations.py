@@ -142,6 +142,13 @@ REFERENCES = {
         "inproceedings", ("Paszke, Adam", "Gross, Sam", "Massa, Francisco"),
         "{PyTorch}: An Imperative Style, High-Performance Deep Learning Library",
         "Advances in Neural Information Processing Systems 32", "2019", pages="8024--8035"),
+    "rajchl2018": Reference(
+        # MIDL 2018; cited by its arXiv record (the proceedings have no pages to cite)
+        "article", ("Rajchl, Martin", "Pawlowski, Nick", "Rueckert, Daniel",
+                    "Matthews, Paul M.", "Glocker, Ben"),
+        "{NeuroNet}: Fast and Robust Reproduction of Multiple Brain Image Segmentation Pipelines",
+        "arXiv", "2018", pages="1806.04224", url="https://arxiv.org/abs/1806.04224",
+        more_authors=False),
     "nilearn": Reference(
         "article", ("Abraham, Alexandre", "Pedregosa, Fabian", "Eickenberg, Michael"),
         "Machine learning for neuroimaging with scikit-learn", "Frontiers in Neuroinformatics",
@@ -197,6 +204,7 @@ def methods_of(records: list[RunStatus]) -> Methods:
             "brought back to the T1w grid with generic-label interpolation.")
     methods = [m for m in FUSION_METHODS if m in _union(r.fusion for r in ran)]
     paragraphs += [_fusion_paragraph(m, ran, cite, v) for m in methods]
+    paragraphs += _neuronet_paragraph(ran, cite, v)
     paragraphs.append(f"The figures of the reports were made with Nilearn{v('nilearn')} "
                       f"{cite('nilearn')} and NiWorkflows.")
     return Methods(paragraphs, keys)
@@ -226,6 +234,27 @@ def _registration_sentence(records: list[RunStatus], cite, v) -> str:
             f"field) per atlas, and the atlas labels were warped onto the T1w grid through the "
             f"composed transforms with generic-label interpolation.")
     return " ".join(sentences)
+
+
+def _neuronet_paragraph(records: list[RunStatus], cite, v) -> list[str]:
+    """NeuroNet's paragraph when the run used a tissue model (else none)."""
+    runs = [r.tissue_model for r in records if r.tissue_model]
+    if not runs:
+        return []
+    models = _union([[f"`{m['file']}` (SHA-256 {m['sha256']})"] for m in runs])
+    tissue = _union([[m["tissue_protocol"]] for m in runs if m.get("tissue_protocol")])
+    others = _union(m.get("protocols", []) for m in runs)
+    wrote = []
+    if tissue:
+        wrote.append(f"tissue classes 1 GM, 2 WM, 3 CSF (protocol {', '.join(tissue)}; the `dseg` "
+                     f"and the GM, WM and CSF `probseg` maps)")
+    if others:
+        wrote.append("the labels of " + ", ".join(f"`seg-{p}`" for p in others))
+    return [f"A NeuroNet network {cite('rajchl2018')}, model {', '.join(models)}, trained with "
+            f"dlf-bids-train-neuronet to reproduce several reference segmentation protocols, "
+            f"segmented each raw T1w image (no skull stripping or bias correction) in one "
+            f"forward pass with PyTorch{v('torch')} {cite('pytorch')}, on the model's grid and "
+            f"brought back onto the T1w grid: {'; '.join(wrote)}."]
 
 
 def _fusion_paragraph(method: str, records: list[RunStatus], cite, v) -> str:

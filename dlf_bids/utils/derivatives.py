@@ -67,6 +67,9 @@ tables (volumes, outliers, agreement between methods) and `group_report.html`.
 With `--output-spaces`, `space-<template>[_res-<N>]` files hold the same labels on a TemplateFlow
 template's grid, and `from-T1w_to-<template>` / `from-<template>_to-T1w` `_xfm.h5` files are the
 ANTs composite transforms between the T1w and the template.
+With `--tissue-model`, NeuroNet writes `sub-<label>[_ses-<label>]_dseg.nii.gz` (1 GM, 2 WM,
+3 CSF; look-up table `dseg.tsv`) with `label-GM/WM/CSF_probseg.nii.gz` (float32 probabilities),
+and a `seg-<protocol>_dseg.nii.gz` per other protocol of its model.
 """
 
 

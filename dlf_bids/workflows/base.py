@@ -15,6 +15,7 @@ from ..interfaces.reports import PublishFigure, RegistrationCheck
 from ..reports.layout import REGISTRATION_FIGURE, figure_path
 from ..resources import plan_for_run
 from .multiatlas import dlf_uses_t2w, init_align_atlases_node, init_multiatlas_wf
+from .neuronet import connect_neuronet
 from .spaces import init_output_spaces_wf
 from .volumes import connect_label_volumes
 
@@ -150,6 +151,8 @@ def init_single_image_wf(config: Config, anat: AnatomicalInput, library: AtlasLi
                 workflow.connect([(multiatlas_wf, ds_prob, [
                     ("outputnode.probseg_dlf", "in_file"),
                     ("outputnode.probseg_metadata_dlf", "meta_dict")])])
+    if config.tissue_model is not None:  # NeuroNet: the raw T1w alone, no atlas
+        connect_neuronet(workflow, (validate, "out_file"), config, anat, memory.neuronet)
     return workflow
 
 

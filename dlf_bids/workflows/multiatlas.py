@@ -20,9 +20,11 @@ FUSION_INTERFACES = {"mv": MajorityVote, "jlf": JointLabelFusion, "dlf": DeepLab
 @functools.lru_cache(maxsize=8)
 def _model_modalities(model_file: str) -> tuple[str, ...]:
     """The model's input modalities; cached, since every subject's graph asks (a file read each)."""
+    from ..execution import torch_without_thread_pool
     from ..models.model_file import load_model
 
-    return tuple(load_model(model_file)[1].modalities)
+    with torch_without_thread_pool():  # this process forks the workers later
+        return tuple(load_model(model_file)[1].modalities)
 
 
 def dlf_uses_t2w(config: Config, library: AtlasLibrary) -> bool:

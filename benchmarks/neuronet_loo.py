@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Leave-one-out NeuroNet on fs-training: agreement with each teacher, tissue Dice, speed-up.
+
+For each held-out subject of ``../shared/data/fs-training`` (5 FreeSurfer subjects):
+
+1. the other subjects are the atlas library (``dlf-bids-fs2atlas --brain-only``: raw ``T1.mgz``
+   cropped to the labels + 10 mm, optionally resampled to ``--voxel-size``; labels = aseg);
+2. ``dlf-bids-train-neuronet`` trains a model on them (each with the others as its atlases) for
+   the protocols ``atropos`` (N4 + Atropos in the multi-atlas brain mask), ``tissue`` (the aseg
+   collapse below applied to the multi-atlas fusion), ``structures`` (the fused aseg labels) and
+   ``library`` (each subject's own FreeSurfer aseg);
+3. on the held-out subject, in the same process and one after the other: the teachers run from a
+   fresh work dir (registrations, fusion, Atropos: their wall time) and NeuroNet segments it
+   (:func:`dlf_bids.neuronet_segmentation.neuronet_segment`: model load, resampling, sliding
+   window, writing; its wall time). The ratio teachers / NeuroNet is the speed-up.
+4. Dice of NeuroNet's label map against each teacher's for the same protocol (mean over the
+   classes present in either), and tissue Dice of NeuroNet's ``atropos`` and ``tissue`` outputs
+   (and of the teachers themselves) against the held-out subject's own FreeSurfer aseg collapsed
+   to GM/WM/CSF by :data:`dlf_bids.models.protocols.ASEG_TO_TISSUE`: GM = cerebral and cerebellar
+   cortex + deep grey nuclei (thalamus, caudate, putamen, pallidum, hippocampus, amygdala,
+   accumbens, ventral DC) + vessel + non-WM hypointensities; WM = cerebral and cerebellar WM,
+   brain-stem, corpus callosum, WM hypointensities, optic chiasm; CSF = ventricles, CSF (24) and
+   choroid plexus. FreeSurfer's CSF is the ventricles, Atropos's also the sulci: CSF Dice against
+   FreeSurfer measures that difference as much as errors, so GM/WM are also reported alone.
+
+Results go to ``--out/results.json`` and ``results.md`` (rewritten after every fold).
+
+    python benchmarks/neuronet_loo.py --out bench-out/neuronet-loo-2mm --voxel-size 2
+    # end-to-end check only (minutes): 3 subjects at 3 mm, a tiny network, a few iterations
+    python benchmarks/neuronet_loo.py --out bench-out/neuronet-loo-check --voxel-size 3 \\
+        --subjects 01 02 03 --network tiny --crop-size 32 --iterations 5 --preset fast --fusion mv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fs-training"
+SUBJECTS = ("01", "02", "03", "04", "06")
+PROTOCOLS = ("atropos", "tissue", "structures", "library")
+
+
+def dice_of(a: np.ndarray, b: np.ndarray, classes) -> dict[int, float]:
+    out = {}
+    for k in classes:
+        x, y = a == k, b == k
+        total = int(x.sum() + y.sum())
+        if total:
+            out[int(k)] = 2.0 * float((x & y).sum()) / total
+    return out
+
+
+def mean(values) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else float("nan")
+
+
+def fold_library(all_dir: Path, fold_dir: Path, atlas_ids) -> Path:
+    """A library of some converted subjects (root files copied, atlases linked)."""
+    lib = fold_dir / "library"
+    if lib.exists():
+        shutil.rmtree(lib)
+    lib.mkdir(parents=True)
+    for name in ("dataset_description.json", "dseg.tsv"):
+        shutil.copy(all_dir / name, lib / name)
+    for a in atlas_ids:
+        (lib / f"sub-{a}").symlink_to(all_dir / f"sub-{a}", target_is_directory=True)
+    return lib
+
+
+def run_fold(args, all_dir: Path, held_out: str) -> dict:
+    from dlf_bids.cli.train_neuronet import main as train_main, run_teachers
+    from dlf_bids.models.protocols import ASEG_TO_TISSUE, collapse_labels, resolve_protocol
+    from dlf_bids.neuronet_segmentation import neuronet_segment
+    from dlf_bids.utils.atlas_library import load_atlas_library
+    from dlf_bids.workflows.teachers import TeacherCase
+
+    fold = args.out / f"fold-{held_out}"
+    others = [s for s in args.subjects if s != held_out]
+    lib = fold_library(all_dir, fold, others)
+    model = fold / "neuronet.pt"
+    t0 = time.perf_counter()
+    code = train_main([str(lib), str(model), "-w", str(fold / "train-work"), "--protocols",
+                       *PROTOCOLS, "--teacher-fusion", args.fusion, "--registration-preset",
+                       args.preset, "--network", args.network, "--crop-size", str(args.crop_size),
+                       "--iterations", str(args.iterations), "--nprocs", str(args.nprocs),
+                       "--threads", str(args.threads), "--seed", str(args.seed)])
+    if code:
+        raise SystemExit(f"training for held-out sub-{held_out} failed (exit {code})")
+    train_s = time.perf_counter() - t0
+
+    library = load_atlas_library(lib)
+    protocols = [resolve_protocol(p, library.labels) for p in PROTOCOLS]
+    t1w = all_dir / f"sub-{held_out}" / "anat" / f"sub-{held_out}_T1w.nii.gz"
+    aseg_file = all_dir / f"sub-{held_out}" / "anat" / f"sub-{held_out}_dseg.nii.gz"
+    # the teachers of the held-out image from an empty work dir: what NeuroNet replaces
+    case = TeacherCase("heldout", t1w, library.atlases, aseg_file)
+    test_work = fold / "test-work"
+    shutil.rmtree(test_work, ignore_errors=True)
+    t0 = time.perf_counter()
+    teacher_files = run_teachers([case], protocols, test_work, args.preset, args.seed,
+                                 args.fusion, args.nprocs)[0]["heldout"]
+    teachers_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = neuronet_segment(t1w, model, fold / "neuronet-out", device=args.device)
+    neuronet_s = time.perf_counter() - t0
+
+    aseg = np.asanyarray(nb.load(aseg_file).dataobj)
+    truth = collapse_labels(aseg, ASEG_TO_TISSUE)
+    row = {"held_out": held_out, "train_s": round(train_s, 1), "teachers_s": round(teachers_s, 1),
+           "neuronet_s": round(neuronet_s, 1), "speedup": round(teachers_s / neuronet_s, 2),
+           "agreement": {}, "tissue_vs_freesurfer": {}}
+    for p in protocols:
+        ours = np.asanyarray(nb.load(result.dsegs[p.name]).dataobj)
+        teacher = np.asanyarray(nb.load(teacher_files[p.name]).dataobj)
+        present = sorted((set(np.unique(ours)) | set(np.unique(teacher))) - {0})
+        row["agreement"][p.name] = round(mean(dice_of(ours, teacher, present).values()), 4)
+        if p.name in ("atropos", "tissue"):
+            for who, seg in (("neuronet", ours), ("teacher", teacher)):
+                d = dice_of(seg, truth, (1, 2, 3))
+                row["tissue_vs_freesurfer"][f"{p.name}_{who}"] = {
+                    "GM": round(d.get(1, float("nan")), 4), "WM": round(d.get(2, float("nan")), 4),
+                    "CSF": round(d.get(3, float("nan")), 4),
+                    "mean_GM_WM": round(mean([d.get(1, 0.0), d.get(2, 0.0)]), 4)}
+    return row
+
+
+def write_results(out: Path, args, rows) -> None:
+    summary = {
+        "agreement": {p: round(mean(r["agreement"][p] for r in rows), 4) for p in PROTOCOLS},
+        "speedup": round(mean(r["speedup"] for r in rows), 2),
+        "neuronet_s": round(mean(r["neuronet_s"] for r in rows), 1),
+        "teachers_s": round(mean(r["teachers_s"] for r in rows), 1),
+    }
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    (out / "results.json").write_text(json.dumps(
+        {"settings": settings, "folds": rows, "summary": summary,
+         "complete": len(rows) == len(args.subjects)}, indent=2))
+    lines = ["| held out | " + " | ".join(f"Dice vs {p} teacher" for p in PROTOCOLS)
+             + " | tissue GM/WM/CSF vs FS (NeuroNet atropos) | teachers s | NeuroNet s | ratio |",
+             "|---" * (len(PROTOCOLS) + 5) + "|"]
+    for r in rows:
+        t = r["tissue_vs_freesurfer"].get("atropos_neuronet", {})
+        lines.append(f"| sub-{r['held_out']} | " + " | ".join(f"{r['agreement'][p]:.3f}" for p in PROTOCOLS)
+                     + f" | {t.get('GM', float('nan')):.3f}/{t.get('WM', float('nan')):.3f}/"
+                       f"{t.get('CSF', float('nan')):.3f} | {r['teachers_s']:.0f} | "
+                       f"{r['neuronet_s']:.1f} | {r['speedup']:.1f}x |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench-out/neuronet-loo"))
+    parser.add_argument("--subjects", nargs="+", default=list(SUBJECTS))
+    parser.add_argument("--voxel-size", type=float, default=2.0, help="grid of the library (mm)")
+    parser.add_argument("--preset", default="quick", help="registration preset of the teachers")
+    parser.add_argument("--fusion", choices=["mv", "jlf"], default="jlf")
+    parser.add_argument("--network", default="small", help="tiny, small or paper")
+    parser.add_argument("--crop-size", type=int, default=64)
+    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--nprocs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not DATA.is_dir():
+        print(f"neuronet_loo: {DATA} not found (the shared data lives in ../shared/data)",
+              file=sys.stderr)
+        return 66
+    if len(args.subjects) < 3:
+        print("neuronet_loo: at least 3 subjects (each fold trains on >= 2)", file=sys.stderr)
+        return 64
+    from dlf_bids.cli.fs2atlas import main as fs2atlas
+
+    args.out = args.out.absolute()
+    all_dir = args.out / "all-subjects"
+    missing = [s for s in args.subjects if not (all_dir / f"sub-{s}").is_dir()]
+    if missing:
+        code = fs2atlas([str(DATA / f"sub-{s}") for s in missing]
+                        + ["--library", str(all_dir), "--brain-only", "--voxel-size", str(args.voxel_size)])
+        if code:
+            return code
+    rows = []
+    for held_out in args.subjects:
+        rows.append(run_fold(args, all_dir, held_out))
+        write_results(args.out, args, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
