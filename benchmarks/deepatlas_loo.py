@@ -115,23 +115,25 @@ def evaluate_task(cache: str, fold_dir: str, fold: str, subjects: list[str], mod
     _single_thread()
     import ants
 
-    from dlf_bids.deepatlas_registration import (align_to_reference, register_atlas_deepatlas,
-                                                 segment_deepatlas, write_reference)
+    from dlf_bids.deepatlas_registration import (align_to_reference, model_reference,
+                                                 register_atlas_deepatlas, segment_deepatlas)
     from dlf_bids.fusion import majority_vote
 
     cache_p, out = Path(cache), Path(fold_dir) / Path(model).stem
     out.mkdir(parents=True, exist_ok=True)
     t1w, dseg = _library_files(cache_p, fold)
     truth = _load(dseg)
-    reference = write_reference(model, out / "reference.nii.gz")
+    reference, alignment = model_reference(model, out / "reference.nii.gz")
     t0 = time.perf_counter()
-    target = align_to_reference(t1w, reference, out / "target", seed=0, n_threads=1)
+    target = align_to_reference(t1w, reference, out / "target", seed=0, n_threads=1,
+                                transform_type=alignment)
     target_align_s = time.perf_counter() - t0
     pairs, warped_t1ws, warped_dsegs = {}, [], []
     for atlas_id in (s for s in subjects if s != fold):
         a_t1w, a_dseg = _library_files(cache_p, atlas_id)
         t0 = time.perf_counter()
-        atlas = align_to_reference(a_t1w, reference, out / f"atlas-{atlas_id}", seed=0, n_threads=1)
+        atlas = align_to_reference(a_t1w, reference, out / f"atlas-{atlas_id}", seed=0, n_threads=1,
+                                   transform_type=alignment)
         align_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         warp = register_atlas_deepatlas(t1w, target, a_t1w, a_dseg, atlas, model, reference,

@@ -27,15 +27,15 @@ def _peak_mib() -> float:
 
 def step(name: str, model: str, target: str, atlas_t1w: str, atlas_dseg: str, work: str) -> float:
     os.environ.update({"OMP_NUM_THREADS": "1", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1"})
-    from dlf_bids.deepatlas_registration import (align_to_reference, register_atlas_deepatlas,
-                                                 segment_deepatlas, write_reference)
+    from dlf_bids.deepatlas_registration import (align_to_reference, model_reference,
+                                                 register_atlas_deepatlas, segment_deepatlas)
 
     work_p = Path(work)
     reference = work_p / "reference.nii.gz"
     if name == "prepare":  # reference, subject and atlas alignments (reused by the other steps)
-        write_reference(model, reference)
-        align_to_reference(atlas_t1w, reference, work_p / "atlas", n_threads=1)
-        align_to_reference(target, reference, work_p / "target", n_threads=1)
+        _, alignment = model_reference(model, reference)
+        align_to_reference(atlas_t1w, reference, work_p / "atlas", n_threads=1, transform_type=alignment)
+        align_to_reference(target, reference, work_p / "target", n_threads=1, transform_type=alignment)
         return _peak_mib()
     from dlf_bids.deepatlas_registration import AlignedImage
 

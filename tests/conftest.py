@@ -9,6 +9,14 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 import pytest
+import torch
+
+# Tests train and run networks in this process, then run Nipype graphs whose MultiProc workers are
+# forked from it. Once torch has run a multi-threaded op here, a forked worker running torch hangs
+# in the inherited OpenMP pool (dlf_bids.execution.torch_without_thread_pool); with one thread here
+# no pool is ever started (workers inherit the one thread unless a node sets its own count: the
+# tests' tiny networks do not mind).
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -8,6 +8,8 @@ values, transforms that reproduce the warps, exit codes), not accuracy (BENCHMAR
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nb
@@ -16,7 +18,6 @@ import pytest
 
 from dlf_bids.cli.fs2atlas import main as fs2atlas_main
 from dlf_bids.cli.run import main as dlf_bids_main
-from dlf_bids.cli.train_deepatlas import main as train_main
 from dlf_bids.evaluation import mean_dice
 from dlf_bids.models.deepatlas_file import read_deepatlas_info
 from dlf_bids.utils.labels import read_label_table
@@ -24,10 +25,19 @@ from dlf_bids.utils.labels import read_label_table
 from conftest import assert_valid_bids, listing, the_error_line
 
 pytestmark = pytest.mark.slow
-# no --threads: torch.set_num_threads in this (pytest) process, before a participant run forks
-# its Nipype workers, left workers hanging in torch's OpenMP pool (the commands themselves run
-# the graph before touching torch)
 TINY = ["--network", "tiny", "--steps", "6", "--phase-steps", "3", "--voxel-size", "3", "--nprocs", "2"]
+
+
+def train_main(argv) -> int:
+    """``dlf-bids-train-deepatlas`` in its own process, as users run it. Training here would start
+    torch's OpenMP pool in this process, and the Nipype workers a later participant run forks from
+    it would hang in that pool (seen in this file before it trained in subprocesses)."""
+    return train_command(argv).returncode
+
+
+def train_command(argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dlf_bids.cli.train_deepatlas", *map(str, argv)],
+                          capture_output=True, text=True)
 
 
 def _bids_t1w(root: Path, subject: str, source: Path) -> Path:
@@ -60,7 +70,7 @@ def test_training_writes_a_model_with_its_reference(demo_run):
     info = read_deepatlas_info(demo_run["model"])
     assert info.reference_image is not None and info.reference_image.ndim == 3
     assert np.allclose(np.abs(np.diag(info.reference_affine)[:3]), 3.0)
-    assert info.voxel_size == 3.0 and info.modalities == ["T1w"]
+    assert info.voxel_size == 3.0 and info.modalities == ["T1w"] and info.alignment == "TRSAA"
     library_labels = read_label_table(demo_run["demo"].atlas_dir / "dseg.tsv").indices
     assert tuple(d["index"] for d in info.labels) == library_labels
     history = info.train_settings["history"]
@@ -121,16 +131,15 @@ def test_xfm_reproduces_the_warped_atlas(demo_run):
                                   np.asanyarray(nb.load(str(used)).dataobj).astype(np.int32))
 
 
-def test_one_shot_training_and_unknown_atlas(demo_data, tmp_path, capsys):
+def test_one_shot_training_and_unknown_atlas(demo_data, tmp_path):
     code = train_main([str(demo_data.atlas_dir), str(tmp_path / "one.pt"), "--atlases", "sub-a01",
                        "--unlabelled", str(demo_data.bids_dir), "-w", str(tmp_path / "w"), *TINY])
     assert code == 0
     info = read_deepatlas_info(tmp_path / "one.pt")
     assert info.train_settings["atlases"] == ["a01"] and info.train_settings["n_unlabelled"] == 2
-    capsys.readouterr()
-    code = train_main([str(demo_data.atlas_dir), str(tmp_path / "x.pt"), "--atlases", "zz",
-                       "-w", str(tmp_path / "w"), *TINY])
-    err = capsys.readouterr().err
+    proc = train_command([str(demo_data.atlas_dir), str(tmp_path / "x.pt"), "--atlases", "zz",
+                          "-w", str(tmp_path / "w"), *TINY])
+    code, err = proc.returncode, proc.stderr
     assert code == 64 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("dlf-bids-train-deepatlas: error: atlas(es) zz not in")
 
@@ -152,6 +161,7 @@ def test_cli_refuses_deepatlas_without_a_usable_model(demo_data, tmp_path, cli):
     labels = (0, *read_label_table(demo_data.atlas_dir / "dseg.tsv").indices)
     bare = save_deepatlas(tmp_path / "bare.pt", DeepAtlas(DeepAtlasConfig(
         n_labels=len(labels), labels=labels, reg_channels=(4, 4, 4), seg_channels=(4, 4, 4))))
+    assert read_deepatlas_info(bare).alignment == "Affine"  # files without the key: the first models'
     code, _, err = cli(base + ["--registration", "deepatlas", "--deepatlas-model", str(bare)])
     assert code == 65 and "no reference grid" in the_error_line(err)
     assert not (tmp_path / "out" / "sub-01").exists()

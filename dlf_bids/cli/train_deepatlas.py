@@ -101,7 +101,7 @@ def _labelled_atlases(args, library):
 
 
 def train(args) -> Path:
-    from ..deepatlas_registration import make_reference_grid
+    from ..deepatlas_registration import ALIGNMENT
     from ..execution import plugin_settings, quiet_nipype
     from ..models.deepatlas import DeepAtlasConfig
     from ..models.deepatlas_file import save_deepatlas
@@ -132,12 +132,13 @@ def train(args) -> Path:
     reference_source = args.reference or atlases[0].t1w
     if not Path(reference_source).is_file():
         raise UsageError(f"reference image {reference_source} does not exist")
-    reference = make_reference_grid(reference_source, args.voxel_size, work_dir / "deepatlas_reference.nii.gz")
-    workflow = init_deepatlas_alignment_wf([(a.t1w, a.dseg) for a in atlases], unlabelled, reference,
+    workflow = init_deepatlas_alignment_wf([(a.t1w, a.dseg) for a in atlases], unlabelled,
+                                           Path(reference_source).absolute(), args.voxel_size,
                                            work_dir, args.seed)
     quiet_nipype()
     plugin, plugin_args = plugin_settings("MultiProc", None, args.nprocs or default_nprocs(), None)
     results = {n.name: n.result.outputs for n in workflow.run(plugin=plugin, plugin_args=plugin_args).nodes()}
+    reference = results["make_reference"].out_file
     labelled_data = [(_load(img), _load(lab, np.int32)) for img, lab in
                      zip(results["align_labelled"].on_reference, results["align_labelled"].labels_on_reference)]
     unlabelled_data = ([_load(img) for img in results["align_unlabelled"].on_reference]
@@ -161,7 +162,7 @@ def train(args) -> Path:
     result = train_deepatlas(labelled_data, unlabelled_data, config, settings, progress=True)
     ref_img = nb.load(str(reference))
     save_deepatlas(args.model_file, result.model, {
-        "labels": library.labels.labels, "voxel_size": args.voxel_size,
+        "labels": library.labels.labels, "voxel_size": args.voxel_size, "alignment": ALIGNMENT,
         "volume_shape": ref_img.shape, "reference": (ref_img.get_fdata(dtype=np.float32), ref_img.affine),
         "train_settings": {"steps": args.steps, "phase_steps": args.phase_steps, "seed": args.seed,
                            "lr_registration": args.lr_registration,

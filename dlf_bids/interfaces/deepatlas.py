@@ -6,14 +6,17 @@ import os
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
-from ..deepatlas_registration import (AlignedImage, align_to_reference, register_atlas_deepatlas,
-                                      segment_deepatlas, write_reference)
+from ..deepatlas_registration import (ALIGNMENT, AlignedImage, align_to_reference,
+                                      make_reference_grid, model_reference,
+                                      register_atlas_deepatlas, segment_deepatlas)
 
 
 class _AlignToReferenceInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="image to align (T1w)")
     labels = File(exists=True, desc="its label map, also brought onto the reference grid")
     reference = File(exists=True, desc="reference grid (else the model's)")
+    transform_type = traits.Str(ALIGNMENT, usedefault=True,
+                                desc="antspyx transform type (with a model: the model's)")
     model_file = File(exists=True, desc="DeepAtlas model holding the reference grid")
     seed = traits.Int(0, usedefault=True, desc="random seed passed to antsRegistration")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="ITK threads")
@@ -33,19 +36,49 @@ class AlignToReference(SimpleInterface):
     output_spec = _AlignToReferenceOutputSpec
 
     def _run_interface(self, runtime):
-        reference = self.inputs.reference or None
+        reference, transform_type = self.inputs.reference or None, self.inputs.transform_type
         if reference is None:
             if not self.inputs.model_file:
                 raise ValueError("AlignToReference needs a reference or a model_file")
-            reference = str(write_reference(self.inputs.model_file,
-                                            os.path.join(runtime.cwd, "reference.nii.gz")))
+            reference, transform_type = model_reference(
+                self.inputs.model_file, os.path.join(runtime.cwd, "reference.nii.gz"))
+            reference = str(reference)
         aligned = align_to_reference(self.inputs.in_file, reference, runtime.cwd, seed=self.inputs.seed,
                                      n_threads=self.inputs.num_threads,
-                                     labels_file=self.inputs.labels or None)
+                                     labels_file=self.inputs.labels or None,
+                                     transform_type=transform_type)
         self._results.update(transform=str(aligned.transform), on_reference=str(aligned.on_reference),
                              reference=reference)
         if aligned.labels_on_reference is not None:
             self._results["labels_on_reference"] = str(aligned.labels_on_reference)
+        return runtime
+
+
+class _MakeReferenceGridInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="T1w defining the grid")
+    voxel_size = traits.Float(mandatory=True, desc="voxel size of the grid (mm)")
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="ITK threads")
+
+
+class _MakeReferenceGridOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="the reference grid (resampled, cropped to the head)")
+
+
+class MakeReferenceGrid(SimpleInterface):
+    """The DeepAtlas reference grid of a training run. A node rather than a call in the command:
+    ITK's thread count is fixed by the first ITK call of a process, and the workers MultiProc
+    forks from the command must start with the one they ask for (their alignments repeat
+    exactly only single-threaded)."""
+
+    input_spec = _MakeReferenceGridInputSpec
+    output_spec = _MakeReferenceGridOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..registration import set_itk_threads
+
+        set_itk_threads(self.inputs.num_threads)
+        self._results["out_file"] = str(make_reference_grid(
+            self.inputs.in_file, self.inputs.voxel_size, os.path.join(runtime.cwd, "reference.nii.gz")))
         return runtime
 
 

@@ -11,7 +11,8 @@ grid), ``voxel_size`` (mm, or None), ``normalisation`` (``"volume-zscore-nonzero
 ``train_settings`` (dict, e.g. with the loss history), ``created`` (ISO-8601 UTC), and, for
 models the registration engine can use, ``reference`` = ``{"image": tensor (X, Y, Z) float32,
 "affine": 4×4 list (RAS mm, nibabel's)}``: the grid every image is affinely aligned to
-(:mod:`dlf_bids.deepatlas_registration`).
+(:mod:`dlf_bids.deepatlas_registration`), and ``alignment``: the antspyx transform type of that
+pre-alignment (absent: ``"Affine"``, what the first models used).
 
 This module must stay free of nipype and of ``dlf_bids.interfaces`` / ``dlf_bids.workflows``.
 """
@@ -61,6 +62,7 @@ class DeepAtlasInfo:
     sha256: str | None = None
     reference_image: np.ndarray | None = field(default=None, repr=False)
     reference_affine: np.ndarray | None = None
+    alignment: str = "Affine"  # antspyx transform type of the pre-alignment to the reference
 
     def write_reference(self, out_file) -> Path:
         """The reference grid as a NIfTI file; :class:`BadDataError` when the model has none."""
@@ -122,6 +124,8 @@ def save_deepatlas(path, model: DeepAtlas, meta: Mapping | None = None) -> Path:
         "created": str(meta.get("created")
                        or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
     }
+    if meta.get("alignment"):
+        payload["alignment"] = str(meta["alignment"])
     if meta.get("reference") is not None:
         image, affine = meta["reference"]
         payload["reference"] = {"image": torch.as_tensor(np.asarray(image, dtype=np.float32)),
@@ -160,6 +164,7 @@ def _read_info(payload, path: Path) -> DeepAtlasInfo:
             voxel_size=None if voxel is None else float(voxel),
             train_settings=dict(payload.get("train_settings") or {}), created=str(payload.get("created", "")),
             path=str(path), reference_image=ref_image, reference_affine=ref_affine,
+            alignment=str(payload.get("alignment") or "Affine"),
         )
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise BadDataError(f"{where} has invalid metadata: {exc}") from None

@@ -32,23 +32,25 @@ def init_dlf_training_registration_wf(library: AtlasLibrary, work_dir: Path, pre
     return workflow
 
 
-def init_deepatlas_alignment_wf(labelled, unlabelled, reference: Path, work_dir: Path, seed: int):
-    """DeepAtlas training inputs: every image affinely aligned to the reference grid (labelled
-    ones with their label maps), one map item per image, cached in the work dir.
-
-    ``labelled``: ``(t1w, dseg)`` pairs; ``unlabelled``: T1w files."""
-    from ..interfaces.deepatlas import AlignToReference
+def init_deepatlas_alignment_wf(labelled, unlabelled, reference_source: Path, voxel_size: float,
+                                work_dir: Path, seed: int):
+    """DeepAtlas training inputs: the reference grid (``make_reference``), then every image
+    aligned to it (labelled ones with their label maps), one map item per image, cached in the
+    work dir. ``labelled``: ``(t1w, dseg)`` pairs; ``unlabelled``: T1w files."""
+    from ..interfaces.deepatlas import AlignToReference, MakeReferenceGrid
 
     workflow = pe.Workflow(name="deepatlas_training_wf")
     workflow.base_dir = str(work_dir)
-    align_labelled = pe.MapNode(AlignToReference(reference=str(reference), seed=seed),
-                                iterfield=["in_file", "labels"], name="align_labelled")
+    make_reference = pe.Node(MakeReferenceGrid(in_file=str(reference_source), voxel_size=voxel_size),
+                             name="make_reference")
+    align_labelled = pe.MapNode(AlignToReference(seed=seed), iterfield=["in_file", "labels"],
+                                name="align_labelled")
     align_labelled.inputs.in_file = [str(t1w) for t1w, _ in labelled]
     align_labelled.inputs.labels = [str(dseg) for _, dseg in labelled]
-    workflow.add_nodes([align_labelled])
+    workflow.connect(make_reference, "out_file", align_labelled, "reference")
     if unlabelled:
-        align_unlabelled = pe.MapNode(AlignToReference(reference=str(reference), seed=seed),
-                                      iterfield=["in_file"], name="align_unlabelled")
+        align_unlabelled = pe.MapNode(AlignToReference(seed=seed), iterfield=["in_file"],
+                                      name="align_unlabelled")
         align_unlabelled.inputs.in_file = [str(t1w) for t1w in unlabelled]
-        workflow.add_nodes([align_unlabelled])
+        workflow.connect(make_reference, "out_file", align_unlabelled, "reference")
     return workflow
