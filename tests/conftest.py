@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from pathlib import Path
+
+# ITK fixes its default thread count at the first ITK call of a process, from this variable, and
+# forked workers inherit it: a test calling antspyx here before any registration set it left every
+# later in-process or forked registration multi-threaded, hence not repeatable (the same-seed
+# tests failed in CI order). One thread from the start, as registrations ask for by default.
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
 import nibabel as nb
 import numpy as np
