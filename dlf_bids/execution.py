@@ -96,6 +96,15 @@ def plugin_settings(plugin: str, file_args: dict | None, nprocs: int, mem_gb: fl
     return plugin, args
 
 
+def cache_by_content() -> None:
+    """Nipype hashes file inputs by content, as the participant level does: every command must
+    agree, since the setting is process-wide and a work dir reused by a command hashing by
+    timestamp misses the cache (a DLF training rerun re-registered everything)."""
+    from nipype import config as ncfg
+
+    ncfg.update_config({"execution": {"hash_method": "content"}})
+
+
 def quiet_nipype(verbose: int = 0) -> None:
     """Nipype's workflow/interface logging at WARNING unless ``verbose``: its import resets them to
     INFO (its own config), so this runs after nipype is imported, before a workflow runs."""

@@ -102,7 +102,7 @@ def _labelled_atlases(args, library):
 
 def train(args) -> Path:
     from ..deepatlas_registration import ALIGNMENT
-    from ..execution import plugin_settings, quiet_nipype
+    from ..execution import cache_by_content, plugin_settings, quiet_nipype
     from ..models.deepatlas import DeepAtlasConfig
     from ..models.deepatlas_file import save_deepatlas
     from ..models.deepatlas_training import DeepAtlasTrainSettings, train_deepatlas
@@ -136,6 +136,7 @@ def train(args) -> Path:
                                            Path(reference_source).absolute(), args.voxel_size,
                                            work_dir, args.seed)
     quiet_nipype()
+    cache_by_content()
     plugin, plugin_args = plugin_settings("MultiProc", None, args.nprocs or default_nprocs(), None)
     results = {n.name: n.result.outputs for n in workflow.run(plugin=plugin, plugin_args=plugin_args).nodes()}
     reference = results["make_reference"].out_file
