@@ -82,18 +82,23 @@ class MakeReferenceGrid(SimpleInterface):
         return runtime
 
 
-class _RegisterAtlasDeepAtlasInputSpec(BaseInterfaceInputSpec):
+class _SubjectOnReferenceInputSpec(BaseInterfaceInputSpec):
+    """What every per-subject DeepAtlas node takes: the subject, its alignment, the model."""
+
     target_t1w = File(exists=True, mandatory=True, desc="subject T1w: the output grid")
     target_transform = File(exists=True, mandatory=True, desc="reference -> subject affine")
     target_on_reference = File(exists=True, mandatory=True, desc="subject T1w on the reference grid")
+    model_file = File(exists=True, mandatory=True, desc="DeepAtlas model")
+    device = traits.Str("cpu", usedefault=True, nohash=True, desc="torch device")
+
+
+class _RegisterAtlasDeepAtlasInputSpec(_SubjectOnReferenceInputSpec):
     reference = File(exists=True, mandatory=True, desc="the reference grid")
     atlas_t1w = File(exists=True, mandatory=True, desc="atlas T1w")
     atlas_transform = File(exists=True, mandatory=True, desc="reference -> atlas affine")
     atlas_on_reference = File(exists=True, mandatory=True, desc="atlas T1w on the reference grid")
     atlas_dseg = File(exists=True, mandatory=True, desc="atlas label map on the atlas T1w grid")
     atlas_t2w = File(exists=True, desc="atlas T2w (rigidly aligned to the atlas T1w, then warped)")
-    model_file = File(exists=True, mandatory=True, desc="DeepAtlas model")
-    device = traits.Str("cpu", usedefault=True, nohash=True, desc="torch device")
     seed = traits.Int(0, usedefault=True, desc="random seed (rigid atlas T2w -> T1w)")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="ITK threads")
 
@@ -129,12 +134,8 @@ class RegisterAtlasDeepAtlas(SimpleInterface):
         return runtime
 
 
-class _SegmentDeepAtlasInputSpec(BaseInterfaceInputSpec):
-    target_t1w = File(exists=True, mandatory=True, desc="subject T1w: the output grid")
-    target_transform = File(exists=True, mandatory=True, desc="reference -> subject affine")
-    target_on_reference = File(exists=True, mandatory=True, desc="subject T1w on the reference grid")
-    model_file = File(exists=True, mandatory=True, desc="DeepAtlas model")
-    device = traits.Str("cpu", usedefault=True, nohash=True, desc="torch device")
+class _SegmentDeepAtlasInputSpec(_SubjectOnReferenceInputSpec):
+    pass
 
 
 class _SegmentDeepAtlasOutputSpec(TraitedSpec):
