@@ -96,13 +96,20 @@ def plugin_settings(plugin: str, file_args: dict | None, nprocs: int, mem_gb: fl
     return plugin, args
 
 
-def cache_by_content() -> None:
-    """Nipype hashes file inputs by content, as the participant level does: every command must
-    agree, since the setting is process-wide and a work dir reused by a command hashing by
-    timestamp misses the cache (a DLF training rerun re-registered everything)."""
+def configure_nipype(crash_dir: Path | None = None, verbose: int = 0, **execution) -> None:
+    """Nipype's settings for every dlf-bids command: file inputs hashed by content (commands
+    share work dirs, so they must agree: a DLF training rerun once re-registered everything),
+    crash reports as text in ``crash_dir``, quiet logging, plus any ``execution`` settings.
+
+    Call it **before building a workflow**: a Workflow copies Nipype's config when it is created
+    and that copy wins at run time, so settings made later are silently ignored."""
     from nipype import config as ncfg
 
-    ncfg.update_config({"execution": {"hash_method": "content"}})
+    settings = {"hash_method": "content", **execution}
+    if crash_dir is not None:
+        settings.update(crashdump_dir=str(crash_dir), crashfile_format="txt")
+    ncfg.update_config({"execution": settings})
+    quiet_nipype(verbose)
 
 
 def quiet_nipype(verbose: int = 0) -> None:

@@ -26,6 +26,12 @@ TRAIN_ARGS = ["--registration-preset", "fast", "--network", "tiny", "--patch-siz
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    # Nipype's process-wide config as an earlier participant run in this process leaves it (file
+    # hashes by content), unlike the fresh process of the rerun below: a command that set its
+    # settings after building its workflow hashed by the fresh default there and re-registered
+    from nipype import config as ncfg
+
+    ncfg.update_config({"execution": {"hash_method": "content"}})
     root = tmp_path_factory.mktemp("dlf")
     data = make_demo_data(root / "data", n_subjects=2, n_atlases=3, voxel_size=4.0)
     model = root / "dlf.pt"

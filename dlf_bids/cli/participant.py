@@ -120,22 +120,12 @@ def _first_reasons(skipped, most: int = 3) -> str:
 
 
 def _configure_nipype(config: Config) -> Path:
-    from nipype import config as ncfg
-
-    from ..execution import quiet_nipype
+    from ..execution import configure_nipype
 
     log_dir = config.output_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    ncfg.update_config({
-        "execution": {
-            "crashdump_dir": str(log_dir),
-            "crashfile_format": "txt",
-            "stop_on_first_crash": config.stop_on_first_crash,
-            "remove_unnecessary_outputs": False,
-            "hash_method": "content",
-        },
-    })
-    quiet_nipype(config.verbose)
+    configure_nipype(log_dir, config.verbose, stop_on_first_crash=config.stop_on_first_crash,
+                     remove_unnecessary_outputs=False)
     return log_dir
 
 

@@ -106,7 +106,7 @@ def train(args) -> Path:
     from ..models.training import TrainSettings, train_dlf
     from ..utils.atlas_library import load_atlas_library
     from ..workflows.training import init_dlf_training_registration_wf
-    from ..execution import cache_by_content, plugin_settings, quiet_nipype
+    from ..execution import configure_nipype, plugin_settings
     from .parser import default_nprocs
 
     library = load_atlas_library(args.atlas_dir)
@@ -126,10 +126,9 @@ def train(args) -> Path:
 
         torch.set_num_threads(args.threads)
     started = time.time()
+    configure_nipype()
     workflow = init_dlf_training_registration_wf(library, args.work_dir.absolute(),
                                                  args.registration_preset, args.seed, use_t2w)
-    quiet_nipype()
-    cache_by_content()
     plugin, plugin_args = plugin_settings("MultiProc", None, args.nprocs or default_nprocs(), None)
     exec_graph = workflow.run(plugin=plugin, plugin_args=plugin_args)
     cases = collect_cases(exec_graph, library, use_t2w)

@@ -102,7 +102,7 @@ def _labelled_atlases(args, library):
 
 def train(args) -> Path:
     from ..deepatlas_registration import ALIGNMENT
-    from ..execution import cache_by_content, plugin_settings, quiet_nipype
+    from ..execution import configure_nipype, plugin_settings
     from ..models.deepatlas import DeepAtlasConfig
     from ..models.deepatlas_file import save_deepatlas
     from ..models.deepatlas_training import DeepAtlasTrainSettings, train_deepatlas
@@ -132,11 +132,10 @@ def train(args) -> Path:
     reference_source = args.reference or atlases[0].t1w
     if not Path(reference_source).is_file():
         raise UsageError(f"reference image {reference_source} does not exist")
+    configure_nipype()
     workflow = init_deepatlas_alignment_wf([(a.t1w, a.dseg) for a in atlases], unlabelled,
                                            Path(reference_source).absolute(), args.voxel_size,
                                            work_dir, args.seed)
-    quiet_nipype()
-    cache_by_content()
     plugin, plugin_args = plugin_settings("MultiProc", None, args.nprocs or default_nprocs(), None)
     results = {n.name: n.result.outputs for n in workflow.run(plugin=plugin, plugin_args=plugin_args).nodes()}
     reference = results["make_reference"].out_file

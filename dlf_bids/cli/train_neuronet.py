@@ -109,18 +109,14 @@ def run_teachers(cases, protocols, work_dir: Path, preset: str, seed: int, fusio
                  nprocs: int):
     """Run (or read back from the cache) every case's teachers: ``({case: {protocol: file}},
     {case: T2w on the T1w grid})`` (the second only for cases with a T2w)."""
-    from nipype import config as ncfg
-
-    from ..execution import plugin_settings, quiet_nipype
+    from ..execution import configure_nipype, plugin_settings
     from ..workflows.teachers import (collect_case_outputs, collect_teacher_labels,
                                       init_neuronet_teachers_wf)
 
-    workflow = init_neuronet_teachers_wf(cases, protocols, work_dir, preset, seed, fusion)
     crash_dir = work_dir / "crash"
     crash_dir.mkdir(parents=True, exist_ok=True)
-    ncfg.update_config({"execution": {"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
-                                      "hash_method": "content"}})
-    quiet_nipype()
+    configure_nipype(crash_dir)
+    workflow = init_neuronet_teachers_wf(cases, protocols, work_dir, preset, seed, fusion)
     plugin, plugin_args = plugin_settings("MultiProc", None, nprocs, None)
     try:
         graph = workflow.run(plugin=plugin, plugin_args=plugin_args)
