@@ -3,12 +3,8 @@ them): one forward pass of a trained model over a raw T1w, every protocol's labe
 T1w's native grid, and for the protocol with the BIDS common tissue labels (1 GM, 2 WM, 3 CSF)
 the three probability maps sMRIPrep/fMRIPrep read.
 
-**The model grid.** A network sees voxels, not millimetres: it must meet images in the orientation
-and at the voxel size it was trained on. Training and inference therefore both resample the T1w
-onto a RAS-aligned grid of the model's voxel size covering the image (:func:`to_model_grid`), and
-inference brings each protocol's probabilities back onto the native grid before the argmax. When
-flipping and permuting axes is enough (the native grid is that grid in another voxel order) this
-is exact; otherwise it is nibabel's ``resample_to_output`` there and linear interpolation back (a
+The T1w is put on the model's grid (:mod:`dlf_bids.model_grid`: its orientation and voxel size)
+and each protocol's probabilities are brought back onto the native grid before the argmax (a
 convex combination, so GM + WM + CSF stays <= 1).
 """
 
@@ -20,70 +16,13 @@ from pathlib import Path
 
 import nibabel as nb
 import numpy as np
-from nibabel.processing import resample_from_to, resample_to_output
 
 from .errors import BadDataError
 from .fusion import save_labels
+from .model_grid import argmax_on_native, to_model_grid
 
 #: BIDS common labels of the tissue protocol, in channel order 1..3 (the probseg ``label-``s)
 TISSUE_LABELS = ("GM", "WM", "CSF")
-
-
-def _canonical_spacing(img) -> np.ndarray | None:
-    """The voxel size when the image's axes are already RAS-aligned (else None)."""
-    aff = img.affine[:3, :3]
-    diag = np.diag(aff)
-    if np.allclose(aff - np.diag(diag), 0, atol=1e-4) and (diag > 0).all():
-        return diag
-    return None
-
-
-def on_model_grid(img, voxel_size) -> bool:
-    spacing = _canonical_spacing(img)
-    return spacing is not None and np.allclose(spacing, voxel_size, rtol=0.01)
-
-
-def reorients_onto_model_grid(img, voxel_size) -> bool:
-    """Whether flipping and permuting the axes puts ``img`` on the model grid (from its header:
-    the affine ``as_closest_canonical`` would give, without reading the voxels)."""
-    from nibabel.orientations import inv_ornt_aff, io_orientation
-
-    affine = img.affine @ inv_ornt_aff(io_orientation(img.affine), img.shape[:3])
-    return on_model_grid(nb.Nifti1Image(np.zeros((1, 1, 1), np.uint8), affine), voxel_size)
-
-
-def to_model_grid(img, voxel_size, order: int = 1):
-    """``img`` (3D) on the RAS grid of ``voxel_size`` (mm) covering it: by flipping and permuting
-    its axes when that is enough (exact, no interpolation: e.g. FreeSurfer's LIA at the model's
-    voxel size), else resampled (``order=1`` for images, ``order=0`` for label maps)."""
-    data = np.asanyarray(img.dataobj)
-    # float for interpolation (an int16 image would be truncated); labels keep their integers
-    img = nb.Nifti1Image(data.astype(np.float32) if order else data, img.affine)
-    if reorients_onto_model_grid(img, voxel_size):
-        return nb.as_closest_canonical(img)
-    return resample_to_output(img, voxel_sizes=tuple(float(v) for v in voxel_size), order=order,
-                              mode="constant", cval=0.0)
-
-
-def _to_native(probs: np.ndarray, model_img, native) -> np.ndarray:
-    """(C, ...) probabilities on the model grid -> (C, native shape): the inverse flips and
-    permutations when the model grid is the native one reoriented, else linear per channel."""
-    from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
-
-    if reorients_onto_model_grid(native, _spacing(model_img)):
-        back = ornt_transform(io_orientation(model_img.affine), io_orientation(native.affine))
-        return np.stack([apply_orientation(channel, back) for channel in probs])
-    out = np.empty((probs.shape[0], *native.shape[:3]), np.float32)
-    ref = (native.shape[:3], native.affine)
-    for c, channel in enumerate(probs):
-        moved = resample_from_to(nb.Nifti1Image(channel, model_img.affine), ref, order=1,
-                                 mode="constant", cval=1.0 if c == 0 else 0.0)
-        out[c] = np.asanyarray(moved.dataobj)
-    return out
-
-
-def _spacing(img) -> np.ndarray:
-    return np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))
 
 
 @dataclass
@@ -135,9 +74,10 @@ def neuronet_segment(t1w_file, model_file, out_dir, device: str = "cpu",
         second = np.random.default_rng(seed).standard_normal(image.shape[1:]).astype(np.float32)
     if second is not None:
         image = np.concatenate([image, second[None]])
+    window = inference_window(image.shape[1:], info.config)
     with torch.inference_mode():
-        preds = predict_volume(model, image, channel_values=info.channel_values, overlap=overlap,
-                               device=device)
+        preds = predict_volume(model, image, channel_values=info.channel_values, roi_size=window,
+                               overlap=overlap, device=device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = NeuroNetResult(dsegs={}, provenance={
@@ -145,16 +85,34 @@ def neuronet_segment(t1w_file, model_file, out_dir, device: str = "cpu",
         "Protocols": [p.name for p in info.protocols], "VoxelSizeOfModel": list(voxel_size),
         "Modalities": ["T1w"] + ([] if second is None else ["T2w" if t2w_file else "noise"])})
     for protocol in info.protocols:
-        probs = _to_native(preds[protocol.name].probabilities, grid_img, native)
-        labels = protocol.channel_values[np.argmax(probs, axis=0)]
-        result.dsegs[protocol.name] = save_labels(labels, t1w_file,
+        tissue = result.tissue_protocol is None and is_bids_tissue(protocol)
+        keep = range(1, len(TISSUE_LABELS) + 1) if tissue else ()
+        argmax, kept = argmax_on_native(preds[protocol.name].probabilities, grid_img, native, keep)
+        result.dsegs[protocol.name] = save_labels(protocol.channel_values[argmax], t1w_file,
                                                   out_dir / f"{protocol.name}_dseg.nii.gz")
-        if result.tissue_protocol is None and is_bids_tissue(protocol):
+        if tissue:
             result.tissue_protocol = protocol.name
-            for channel, label in enumerate(TISSUE_LABELS, start=1):
+            for probability, label in zip(kept, TISSUE_LABELS):
                 result.probsegs[label] = _save_probability(
-                    probs[channel], t1w_file, out_dir / f"label-{label}_probseg.nii.gz")
+                    probability, t1w_file, out_dir / f"label-{label}_probseg.nii.gz")
     return result
+
+
+#: the most voxels run as one window: a 2 mm model's whole head (~130³ on its grid) fits
+WHOLE_GRID_VOXELS = 160**3
+
+
+def inference_window(grid_shape, config) -> tuple[int, int, int]:
+    """The whole model grid as one window (each axis rounded up to the network's total stride;
+    MONAI pads with the z-scored mean) when it has at most :data:`WHOLE_GRID_VOXELS`, else the
+    training crop, slid with ``overlap``. The network is fully convolutional and batch norm uses
+    its running statistics, so a voxel's output depends on its neighbourhood, not on the window
+    around it; one window computes each voxel once where overlap 0.5 computes it ~8 times."""
+    stride = int(np.prod(config.strides))
+    whole = tuple(int(-(-n // stride) * stride) for n in grid_shape)
+    if int(np.prod(whole)) <= WHOLE_GRID_VOXELS:
+        return whole
+    return tuple(int(c) for c in config.crop_size)
 
 
 def model_voxel_size(info) -> tuple[float, float, float]:

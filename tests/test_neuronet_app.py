@@ -204,7 +204,7 @@ def test_a_t1w_model_on_a_reoriented_image(trained, tmp_path):
 
 # ---------------------------------------------------------------------------- model grid
 def test_model_grid_reorients_exactly_and_resamples_otherwise():
-    from dlf_bids.neuronet_segmentation import _to_native, to_model_grid
+    from dlf_bids.model_grid import to_model_grid, to_native
 
     rng = np.random.default_rng(0)
     data = rng.random((6, 7, 8)).astype(np.float32)
@@ -214,11 +214,11 @@ def test_model_grid_reorients_exactly_and_resamples_otherwise():
     assert nb.aff2axcodes(grid.affine) == ("R", "A", "S") and grid.shape == (6, 8, 7)
     # the same voxels in another order: nothing interpolated, and back exactly
     assert np.array_equal(np.sort(np.asarray(grid.dataobj).ravel()), np.sort(data.ravel()))
-    assert np.array_equal(_to_native(np.asarray(grid.dataobj)[None], grid, img)[0], data)
+    assert np.array_equal(to_native(np.asarray(grid.dataobj)[None], grid, img)[0], data)
     # another voxel size: resampled onto the model grid, and back onto the native grid
     coarse = to_model_grid(img, (4, 4, 4))
     assert np.allclose(np.abs(np.diag(coarse.affine)[:3]), 4)
-    assert _to_native(np.asarray(coarse.dataobj)[None], coarse, img).shape == (1, 6, 7, 8)
+    assert to_native(np.asarray(coarse.dataobj)[None], coarse, img).shape == (1, 6, 7, 8)
 
 
 # ------------------------------------------------------------------------------ participant

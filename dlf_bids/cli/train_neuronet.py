@@ -135,7 +135,7 @@ def load_examples(cases, labels, protocols, voxel_size: float, t2ws=None, seed: 
     import numpy as np
 
     from ..models.neuronet_training import NeuroNetExample
-    from ..neuronet_segmentation import to_model_grid
+    from ..model_grid import to_model_grid
 
     size = (voxel_size,) * 3
     rng = np.random.default_rng(seed)
