@@ -109,6 +109,8 @@ def test_segmentations_native_grid_and_labels(demo_run):
         assert mean_dice(mv, truth, sorted(labels - {0})) > 0.45
     sidecar = json.loads((out / "sub-01" / "anat" / "sub-01_seg-mv_dseg.json").read_text())
     assert sidecar["Registration"].startswith("DeepAtlas") and sidecar["DeepAtlasModel"] == "deepatlas.pt"
+    assert sidecar["Description"] == ("Majority voting of atlas labels registered to the subject by "
+                                      "a DeepAtlas network after an antspyx affine alignment.")
     status = json.loads((out / "logs" / "status" / "sub-01.json").read_text())
     assert status["registration"] == "deepatlas" and len(status["deepatlas_model"]["sha256"]) == 64
     assert "DeepAtlas" in (out / "logs" / "CITATION.md").read_text()

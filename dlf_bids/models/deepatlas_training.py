@@ -29,7 +29,6 @@ This module must stay free of nipype and of ``dlf_bids.interfaces`` / ``dlf_bids
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,12 +37,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import BendingEnergyLoss, DiceLoss, LocalNormalizedCrossCorrelationLoss
-from tqdm.auto import tqdm
 
 from ..errors import BadDataError, UsageError
 from .deepatlas import DeepAtlas, DeepAtlasConfig, warp_image, warp_probabilities
 from .deepatlas_inference import as_channels, pad, padding, prepare_volume
 from .inference import labels_to_channels, resolve_device
+from .progress import training_progress
 
 __all__ = ["DeepAtlasLosses", "DeepAtlasTrainResult", "DeepAtlasTrainSettings", "train_deepatlas"]
 
@@ -186,8 +185,7 @@ def train_deepatlas(
     opt_seg = torch.optim.Adam(model.segmentation.parameters(), lr=s.lr_segmentation)
 
     history: list[dict] = []
-    bar = tqdm(total=s.steps, disable=True if not progress else None, desc="DeepAtlas training",
-               unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = training_progress(s.steps, "DeepAtlas training", "step", enabled=progress)
     model.train()
     try:
         for step in range(s.steps):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,6 @@ import monai
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import BadDataError, UsageError
@@ -43,6 +41,7 @@ from ..utils.files import atomic_open
 from .inference import labels_to_channels, pad_amounts, resolve_device
 from .model_file import _first_line, _plain, check_header, load_weights, model_hash, read_payload
 from .neuronet import NORMALISATION, NeuroNet, NeuroNetConfig, zscore_volume
+from .progress import training_progress
 from .protocols import Protocol
 from .training import modaug
 
@@ -158,8 +157,7 @@ def train_neuronet(
     optimiser = torch.optim.Adam(model.parameters(), lr=s.lr)
 
     history: list[dict] = []
-    bar = tqdm(total=s.iterations, disable=True if not progress else None, desc="NeuroNet training",
-               unit="it", file=sys.stderr, dynamic_ncols=True)
+    bar = training_progress(s.iterations, "NeuroNet training", "it", enabled=progress)
     model.train()
     try:
         for it in range(s.iterations):

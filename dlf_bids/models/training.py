@@ -50,7 +50,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -60,7 +59,6 @@ import numpy as np
 import torch
 from monai.losses import DiceLoss, GeneralizedDiceLoss
 from monai.transforms import Rand3DElasticd, RandAffined, RandHistogramShift
-from tqdm.auto import tqdm
 
 from ..errors import BadDataError, UsageError
 from ..utils.labels import LabelTable
@@ -75,6 +73,7 @@ from .inference import (
     resolve_device,
 )
 from .model_file import NORMALISATION, ModelInfo, _labels_to_dicts, save_model
+from .progress import training_progress
 
 __all__ = [
     "TrainResult",
@@ -569,8 +568,7 @@ def train_dlf(
     history: list[dict] = []
     best = (-1.0, None, None)  # dice, epoch, state
     total = s.epochs * s.iterations_per_epoch
-    bar = tqdm(total=total, disable=True if not progress else None, desc="DLF training",
-               unit="it", file=sys.stderr, dynamic_ncols=True)
+    bar = training_progress(total, "DLF training", "it", enabled=progress)
     val_dice = None
     try:
         model.train()

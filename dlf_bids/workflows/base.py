@@ -19,11 +19,13 @@ from .neuronet import connect_neuronet
 from .spaces import init_output_spaces_wf
 from .volumes import connect_label_volumes
 
-FUSION_DESCRIPTIONS = {
-    "dlf": "Deep Label Fusion (Xie et al., 2023) of atlases registered with ANTs (antspyx).",
-    "mv": "Majority voting of atlas labels registered to the subject with ANTs (antspyx).",
-    "jlf": "Joint label fusion (Wang et al., 2013; antspyx) of atlases registered with ANTs.",
+FUSION_DESCRIPTIONS = {  # completed by the registration engine's phrase
+    "dlf": "Deep Label Fusion (Xie et al., 2023) of atlases registered to the subject {engine}.",
+    "mv": "Majority voting of atlas labels registered to the subject {engine}.",
+    "jlf": "Joint label fusion (Wang et al., 2013; antspyx) of atlases registered to the subject {engine}.",
 }
+ENGINE_PHRASES = {"ants": "with ANTs (antspyx)",
+                  "deepatlas": "by a DeepAtlas network after an antspyx affine alignment"}
 
 
 def init_dlf_bids_wf(config: Config, anatomicals: list[AnatomicalInput], library: AtlasLibrary):
@@ -48,15 +50,12 @@ def segmentation_metadata(config: Config, anat: AnatomicalInput, library: AtlasL
     """The sidecar of a fused segmentation: where it came from and how it was made."""
     sources = [bids_uri(anat.t1w, config.bids_dir, "raw")]
     sources += [bids_uri(a.dseg, library.root, "atlases") for a in library.atlases]
-    description = FUSION_DESCRIPTIONS[method]
     registration = {"RegistrationPreset": config.registration_preset}
     if config.registration == "deepatlas":
-        description = description.replace("with ANTs (antspyx)", "by DeepAtlas").replace(
-            "with ANTs", "by DeepAtlas")
         registration = {"Registration": "DeepAtlas network after an antspyx affine alignment",
                         "DeepAtlasModel": config.deepatlas_model.name}
     return {
-        "Description": description,
+        "Description": FUSION_DESCRIPTIONS[method].format(engine=ENGINE_PHRASES[config.registration]),
         "Sources": sources,
         "SpatialReference": sources[0],  # native T1w geometry
         **registration,
