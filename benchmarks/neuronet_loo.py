@@ -212,6 +212,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--whole-head-only", type=Path, metavar="MODEL",
+                        help="only time MODEL on the --folds subjects' 1 mm whole heads")
     args = parser.parse_args(argv)
     if not DATA.is_dir():
         print(f"neuronet_loo: {DATA} not found (the shared data lives in ../shared/data)",
@@ -223,6 +225,12 @@ def main(argv=None) -> int:
     from dlf_bids.cli.fs2atlas import main as fs2atlas
 
     args.out = args.out.absolute()
+    if args.whole_head_only:
+        for subject in args.folds or args.subjects:
+            where = args.out / "whole-head" / f"sub-{subject}"
+            where.mkdir(parents=True, exist_ok=True)
+            print(f"sub-{subject}: {time_whole_head(args, subject, args.whole_head_only, where)}", flush=True)
+        return 0
     all_dir = args.out / "all-subjects"
     missing = [s for s in args.subjects if not (all_dir / f"sub-{s}").is_dir()]
     if missing:

@@ -27,6 +27,10 @@ from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from nibabel.processing import resample_from_to, resample_to_output
 
 
+#: channels interpolated together on the way back (memory: their padded copy and temporaries)
+CHANNEL_CHUNK = 8
+
+
 def spacing(img) -> np.ndarray:
     """Voxel size (mm) of each axis, from the affine."""
     return np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))
@@ -56,6 +60,17 @@ def reorients_onto_model_grid(img, voxel_size) -> bool:
     """Whether flipping and permuting the axes puts ``img`` on the model grid."""
     return on_model_grid(nb.Nifti1Image(np.zeros((1, 1, 1), np.uint8), _canonical_affine(img)),
                          voxel_size)
+
+
+def model_grid_shape(img, voxel_size) -> tuple[int, int, int]:
+    """The shape :func:`to_model_grid` gives, from the header alone."""
+    from nibabel.processing import vox2out_vox
+
+    if reorients_onto_model_grid(img, voxel_size):
+        order = io_orientation(img.affine)[:, 0].argsort()
+        return tuple(int(img.shape[int(a)]) for a in order)
+    return tuple(int(n) for n in vox2out_vox((img.shape[:3], img.affine),
+                                             tuple(float(v) for v in voxel_size))[0])
 
 
 def to_model_grid(img, voxel_size, order: int = 1):
@@ -90,11 +105,19 @@ def argmax_on_native(probs: np.ndarray, model_img, native, keep=()) -> tuple[np.
         coords = _axis_coordinates(model_img, native)
         if coords is None:  # oblique: resampled channel by channel, in full
             return _argmax_resampled(probs, model_img, native, keep)
-        labels = np.empty(tuple(len(c) for c in coords), np.int16)
-        kept = np.empty((len(keep), *labels.shape), np.float32)
-        for first, channels in _separable_upsample(probs, coords):
-            labels[first:first + channels.shape[1]] = _argmax_channels(channels)
-            kept[:, first:first + channels.shape[1]] = channels[keep].numpy()
+        shape = tuple(len(c) for c in coords)
+        labels, best = np.zeros(shape, np.int16), np.full(shape, -np.inf, np.float32)
+        kept = np.empty((len(keep), *shape), np.float32)
+        # a few channels at a time: the interpolation's temporaries stay a fraction of the
+        # probabilities (all 50 channels of a 1 mm grid padded were gigabytes)
+        for start in range(0, len(probs), CHANNEL_CHUNK):
+            stop = min(start + CHANNEL_CHUNK, len(probs))
+            for first, channels in _separable_upsample(probs[start:stop], coords, background=start == 0):
+                rows = slice(first, first + channels.shape[1])
+                _running_argmax(channels, start, best[rows], labels[rows])
+                for k, c in enumerate(keep):
+                    if start <= c < stop:
+                        kept[k, rows] = channels[c - start].numpy()
         return (apply_orientation(labels, model_to_native),
                 np.stack([apply_orientation(c, model_to_native) for c in kept]) if keep
                 else kept.reshape(0, *native.shape[:3]))
@@ -104,18 +127,16 @@ def argmax_on_native(probs: np.ndarray, model_img, native, keep=()) -> tuple[np.
             else np.empty((0, *native.shape[:3]), np.float32))
 
 
-def _argmax_channels(channels) -> np.ndarray:
-    """Index of the largest channel (the first on ties, as argmax) of a (C, ...) tensor, as
-    int16: a running maximum, channel by channel, is ~3x faster than an argmax reducing over
-    the outermost (strided) axis."""
+def _running_argmax(channels, offset: int, best: np.ndarray, labels: np.ndarray) -> None:
+    """Fold the (C, ...) tensor ``channels`` (numbered from ``offset``) into the running maximum
+    ``best`` and its channel ``labels`` (arrays, updated in place): the first channel wins ties,
+    as argmax; channel by channel is also ~3x faster than an argmax over the outermost axis."""
     import torch
 
-    best = channels[0].clone()
-    index = torch.zeros(best.shape, dtype=torch.int16)
-    for c in range(1, channels.shape[0]):
-        index.masked_fill_(channels[c] > best, c)
-        torch.maximum(best, channels[c], out=best)
-    return index.numpy()
+    best_t, labels_t = torch.from_numpy(best), torch.from_numpy(labels)
+    for c in range(channels.shape[0]):
+        labels_t.masked_fill_(channels[c] > best_t, offset + c)
+        torch.maximum(best_t, channels[c], out=best_t)
 
 
 def _axis_coordinates(model_img, native):
@@ -140,17 +161,18 @@ def _argmax_resampled(probs, model_img, native, keep):
     return np.argmax(out, axis=0).astype(np.int16), out[keep]
 
 
-def _separable_upsample(probs: np.ndarray, coords, slab: int = 16):
+def _separable_upsample(probs: np.ndarray, coords, slab: int = 16, background: bool = True):
     """Trilinear interpolation of (C, X, Y, Z) at the outer product of per-axis coordinates
     ``coords`` (input voxel units), one axis at a time (torch: multi-threaded), yielded as
     ``(first index, (C, slab, Y', Z') tensor)`` slabs along the first axis so the whole output
-    is never held; outside the grid, background (channel 0 = 1, others 0)."""
+    is never held; outside the grid, background (channel 0 = 1 when ``background``, others 0)."""
     import torch
 
     x = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))
     # one voxel of background around the grid, so constant-mode interpolation is plain lerp
     x = torch.nn.functional.pad(x, (1, 1, 1, 1, 1, 1))
-    x[0, 0], x[0, -1], x[0, :, 0], x[0, :, -1], x[0, :, :, 0], x[0, :, :, -1] = 1, 1, 1, 1, 1, 1
+    if background:
+        x[0, 0], x[0, -1], x[0, :, 0], x[0, :, -1], x[0, :, :, 0], x[0, :, :, -1] = 1, 1, 1, 1, 1, 1
     padded = [np.asarray(c, np.float64) + 1.0 for c in coords]
     factors = _integer_factors(padded, x.shape[1:])
     if factors is not None:

@@ -11,6 +11,7 @@ convex combination, so GM + WM + CSF stays <= 1).
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,17 +85,23 @@ def neuronet_segment(t1w_file, model_file, out_dir, device: str = "cpu",
         "ModelFile": Path(model_file).name, "ModelSHA256": info.sha256,
         "Protocols": [p.name for p in info.protocols], "VoxelSizeOfModel": list(voxel_size),
         "Modalities": ["T1w"] + ([] if second is None else ["T2w" if t2w_file else "noise"])})
-    for protocol in info.protocols:
-        tissue = result.tissue_protocol is None and is_bids_tissue(protocol)
-        keep = range(1, len(TISSUE_LABELS) + 1) if tissue else ()
-        argmax, kept = argmax_on_native(preds[protocol.name].probabilities, grid_img, native, keep)
-        result.dsegs[protocol.name] = save_labels(protocol.channel_values[argmax], t1w_file,
-                                                  out_dir / f"{protocol.name}_dseg.nii.gz")
-        if tissue:
-            result.tissue_protocol = protocol.name
-            for probability, label in zip(kept, TISSUE_LABELS):
-                result.probsegs[label] = _save_probability(
-                    probability, t1w_file, out_dir / f"label-{label}_probseg.nii.gz")
+    # gzip releases the GIL: files are compressed in threads while the next protocol computes
+    with ThreadPoolExecutor(max_workers=2) as writer:
+        dsegs, probsegs = {}, {}
+        for protocol in info.protocols:
+            tissue = result.tissue_protocol is None and is_bids_tissue(protocol)
+            keep = range(1, len(TISSUE_LABELS) + 1) if tissue else ()
+            argmax, kept = argmax_on_native(preds.pop(protocol.name).probabilities, grid_img,
+                                            native, keep)
+            dsegs[protocol.name] = writer.submit(save_labels, protocol.channel_values[argmax],
+                                                 t1w_file, out_dir / f"{protocol.name}_dseg.nii.gz")
+            if tissue:
+                result.tissue_protocol = protocol.name
+                for probability, label in zip(kept, TISSUE_LABELS):
+                    probsegs[label] = writer.submit(_save_probability, probability, t1w_file,
+                                                    out_dir / f"label-{label}_probseg.nii.gz")
+        result.dsegs = {name: future.result() for name, future in dsegs.items()}
+        result.probsegs = {label: future.result() for label, future in probsegs.items()}
     return result
 
 
@@ -134,6 +141,15 @@ class ModelOutputs:
     channels: int  # output channels of all protocols (memory)
     sha256: str
     modalities: tuple[str, ...] = ("T1w",)  # the network's input channels
+    voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)  # of the model grid (mm)
+    config: object = None  # the NeuroNetConfig (window size, memory)
+
+    def window_voxels(self, t1w) -> tuple[int, int]:
+        """Voxels of the model grid a T1w gives, and of the window it is run in (header only)."""
+        from .model_grid import model_grid_shape
+
+        grid = model_grid_shape(nb.load(str(t1w)), self.voxel_size)
+        return int(np.prod(grid)), int(np.prod(inference_window(grid, self.config)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -144,9 +160,8 @@ def model_outputs(model_file: str) -> ModelOutputs:
     from .models.protocols import is_bids_tissue
 
     _, info = load_neuronet(model_file)
-    model_voxel_size(info)
     tissue = next((p.name for p in info.protocols if is_bids_tissue(p)), None)
     return ModelOutputs(tissue, tuple(p.name for p in info.protocols if p.name != tissue),
                         {p.name: p.classes for p in info.protocols},
                         sum(p.n_classes for p in info.protocols), info.sha256,
-                        tuple(info.modalities))
+                        tuple(info.modalities), model_voxel_size(info), info.config)

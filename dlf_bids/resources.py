@@ -56,13 +56,14 @@ def labelled_mm3(dseg: str) -> float:
 # label volumes of one map: 74 / 310 MiB at 128^3 / 256^3 voxels measured without Nipype, whose
 # ~150 MiB are added to the base
 LABEL_VOLUMES = (190.0, 17.0)
-# NeuroNet inference (--tissue-model), neuronet_segment in a fresh process, "small" network, 64^3
-# windows, 49 output channels (atropos 4 + 45 labels): 744 MiB at 0.22 M voxels (3 mm demo),
-# 9808 MiB at 16.8 M voxels (256^3 1 mm fs-training T1). Base: torch + MONAI + the model + one
-# window's activations; per voxel: the image and its z-scored copy (16 bytes, assumed), the rest
-# per output channel (MONAI's probability and count accumulators, the native-grid copy): the split
-# between the two per-voxel terms is an assumption, the sum at 49 channels is measured
-NEURONET = (620.0, 16.0, 11.4)  # (base MiB, bytes per voxel, bytes per voxel and channel)
+# NeuroNet inference (--tissue-model): benchmarks/neuronet_memory.py (neuronet_segment in a fresh
+# process, 1 thread; untrained small and paper networks, 1 and 2 mm model grids, 4 and 50 output
+# channels, 1 and 2 mm images: BENCHMARKS.md). Base: torch, MONAI, the model; per native voxel: the
+# image, labels, tissue maps and their writing; per model-grid voxel and channel: MONAI's
+# accumulated probabilities; per window voxel and channel: the window's logits and softmax (the
+# networks' own activations were not separable: small and paper measured the same)
+# (base MiB, B per native voxel, B per grid voxel and channel, B per window voxel and channel)
+NEURONET = (610.0, 39.0, 7.3, 0.5)
 
 
 def n_voxels(path: Path | str) -> int:
@@ -104,11 +105,13 @@ def fusion_gb(method: str, voxels: int, n_atlases: int, n_labels: int,
     raise ValueError(f"unknown fusion method {method!r}")
 
 
-def neuronet_gb(voxels: int, channels: int) -> float:
-    """NeuroNet inference on a T1w of ``voxels`` voxels; ``channels``: the output channels of
-    all protocols together."""
-    base, per_voxel, per_channel = NEURONET
-    return _gb(base, per_voxel + per_channel * channels, voxels)
+def neuronet_gb(native_voxels: int, grid_voxels: int, window_voxels: int, channels: int) -> float:
+    """NeuroNet inference on a T1w of ``native_voxels`` voxels, ``grid_voxels`` on the model's
+    grid, run in windows of ``window_voxels``; ``channels``: the output channels of all
+    protocols together (:meth:`~dlf_bids.neuronet_segmentation.ModelOutputs.window_voxels`)."""
+    base, per_native, per_grid_channel, per_window_channel = NEURONET
+    return _gb(base, per_native, native_voxels) + _gb(
+        0.0, channels * (per_grid_channel * grid_voxels + per_window_channel * window_voxels), 1)
 
 
 def label_volumes_gb(voxels: int) -> float:
@@ -174,7 +177,9 @@ def plan_for_run(config, t1w: Path | str, library) -> MemoryPlan:
 
     from .neuronet_segmentation import model_outputs
 
-    return replace(plan, neuronet=neuronet_gb(n_voxels(t1w), model_outputs(str(config.tissue_model)).channels))
+    outputs = model_outputs(str(config.tissue_model))
+    return replace(plan, neuronet=neuronet_gb(n_voxels(t1w), *outputs.window_voxels(t1w),
+                                              outputs.channels))
 
 
 def machine_memory_gb() -> float:

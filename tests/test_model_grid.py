@@ -41,12 +41,12 @@ def test_argmax_and_channels_on_native_match_3d_resampling(spacing, oblique, int
     if coords is not None:  # which path ran
         assert (_integer_factors([c + 1 for c in coords], [n + 2 for n in model_img.shape]) is not None) == integer
     rng = np.random.default_rng(1)
-    probs = rng.random((5, *model_img.shape)).astype(np.float32)
+    probs = rng.random((11, *model_img.shape)).astype(np.float32)  # more than one CHANNEL_CHUNK
     probs /= probs.sum(axis=0)
-    labels, kept = argmax_on_native(probs, model_img, native, keep=(1, 3))
+    labels, kept = argmax_on_native(probs, model_img, native, keep=(1, 3, 9))
     expected = _reference(probs, model_img, native)
     assert labels.shape == native.shape and labels.dtype == np.int16
-    np.testing.assert_allclose(kept, expected[[1, 3]], atol=1e-5)
+    np.testing.assert_allclose(kept, expected[[1, 3, 9]], atol=1e-5)
     # the same labels except on near-ties of the two largest channels
     top2 = np.sort(expected, axis=0)[-2:]
     decided = top2[1] - top2[0] > 1e-4

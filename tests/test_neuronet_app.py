@@ -387,10 +387,21 @@ def test_memory_plan_counts_the_neuronet_node(trained, tmp_path):
     config = Config(bids_dir=data.bids_dir, output_dir=tmp_path, analysis_level="participant",
                     work_dir=tmp_path, atlas_dir=library.root, fusion=("mv",),
                     tissue_model=trained["model"])
-    # 4 + 4 + 7 + 7 output channels (background included)
-    assert plan_for_run(config, t1w, library).neuronet == pytest.approx(neuronet_gb(n_voxels(t1w), 22))
+    # 4 + 4 + 7 + 7 output channels (background included); the demo's grid is the model's
+    from dlf_bids.model_grid import to_model_grid
+    from dlf_bids.neuronet_segmentation import inference_window, model_outputs
+
+    outputs = model_outputs(str(trained["model"]))
+    grid = to_model_grid(nb.load(t1w), outputs.voxel_size).shape
+    window = inference_window(grid, outputs.config)
+    assert outputs.window_voxels(t1w) == (np.prod(grid), np.prod(window))
+    assert plan_for_run(config, t1w, library).neuronet == pytest.approx(
+        neuronet_gb(n_voxels(t1w), np.prod(grid), np.prod(window), 22))
     base_gb = MARGIN * NEURONET[0] * MIB / 1e9  # torch, MONAI and the model
-    assert neuronet_gb(256**3, 22) > neuronet_gb(128**3, 22) > neuronet_gb(128**3, 4) > base_gb
+    # a 1 mm head under a 2 mm model (one 136^3 window) needs less than under a 1 mm model
+    # (64^3 windows slid over a 256^3 grid), and more channels need more
+    assert neuronet_gb(256**3, 256**3, 64**3, 50) > neuronet_gb(256**3, 129**3, 136**3, 50) \
+        > neuronet_gb(256**3, 129**3, 136**3, 4) > base_gb
 
 
 @pytest.mark.parametrize("extra, code, message", [
