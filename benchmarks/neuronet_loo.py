@@ -70,17 +70,20 @@ def mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def segment_task(t1w: str, model: str, out_dir: str, threads: int) -> dict:
-    """In a fresh process: :func:`neuronet_segment` on one image, wall time and peak RSS."""
+def segment_task(t1w: str, model: str, out_dir: str, threads: int, whole_grid: bool = True) -> dict:
+    """In a fresh process: :func:`neuronet_segment` on one image, wall time and peak RSS;
+    ``whole_grid=False``: always the training crop, slid with overlap 0.5."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
     import torch
 
-    from dlf_bids.neuronet_segmentation import neuronet_segment
+    from dlf_bids import neuronet_segmentation
 
     torch.set_num_threads(threads)
+    if not whole_grid:
+        neuronet_segmentation.WHOLE_GRID_VOXELS = 0
     start = time.perf_counter()
-    neuronet_segment(t1w, model, out_dir)
+    neuronet_segmentation.neuronet_segment(t1w, model, out_dir, overlap=0.5)
     return {"wall_s": round(time.perf_counter() - start, 1),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 

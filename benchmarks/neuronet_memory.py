@@ -26,7 +26,6 @@ import nibabel as nb
 import numpy as np
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-NETWORKS = {"small": (8, (8, 16, 32, 64)), "paper": (16, (16, 32, 64, 128))}
 
 
 def make_model(path: Path, network: str, voxel_size: float, protocols) -> Path:
@@ -34,13 +33,14 @@ def make_model(path: Path, network: str, voxel_size: float, protocols) -> Path:
 
     from dlf_bids.models.neuronet import NeuroNet, NeuroNetConfig
     from dlf_bids.models.neuronet_training import save_neuronet
+    from dlf_bids.cli.train_neuronet import NETWORKS  # the trainer's network sizes
     from dlf_bids.models.protocols import builtin_protocol
 
     protos = [builtin_protocol(p) for p in protocols]
-    stem, widths = NETWORKS[network]
+    stem, widths, strides = NETWORKS[network]
     torch.manual_seed(0)
     model = NeuroNet(NeuroNetConfig({p.name: p.n_classes for p in protos}, stem_channels=stem,
-                                    widths=widths, strides=(1, 2, 2, 2), crop_size=(64,) * 3))
+                                    widths=widths, strides=strides, crop_size=(64,) * 3))
     return save_neuronet(path, model, protos, ["T1w"],
                          train_settings={"voxel_size": [voxel_size] * 3})
 

@@ -15,36 +15,19 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import nibabel as nb
 import numpy as np
-
-
-def segment_task(t1w: str, model: str, out_dir: str, threads: int, whole_grid: bool) -> float:
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    import torch
-
-    from dlf_bids import neuronet_segmentation
-
-    torch.set_num_threads(threads)
-    if not whole_grid:
-        neuronet_segmentation.WHOLE_GRID_VOXELS = 0  # always the training crop, slid
-    start = time.perf_counter()
-    neuronet_segmentation.neuronet_segment(t1w, model, out_dir, overlap=0.5)
-    return time.perf_counter() - start
+from neuronet_loo import dice_of, mean, segment_task  # benchmarks/ is the script's folder
 
 
 def agreement(a: Path, b: Path) -> tuple[float, float]:
     x, y = (np.asanyarray(nb.load(p).dataobj) for p in (a, b))
     labels = sorted((set(np.unique(x)) | set(np.unique(y))) - {0})
-    dice = [2 * np.sum((x == k) & (y == k)) / (np.sum(x == k) + np.sum(y == k)) for k in labels]
-    return float(np.mean(dice)), float(np.mean(x != y))
+    return mean(dice_of(x, y, labels).values()), float(np.mean(x != y))
 
 
 def main(argv=None) -> int:
@@ -62,7 +45,7 @@ def main(argv=None) -> int:
             dirs[name] = args.out / t1w.name.split(".")[0] / name
             with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
                 times[name] = pool.submit(segment_task, str(t1w), str(args.model), str(dirs[name]),
-                                          args.threads, whole).result()
+                                          args.threads, whole).result()["wall_s"]
         print(f"{t1w.name}: whole grid {times['whole-grid']:.1f} s, sliding windows (overlap 0.5) "
               f"{times['sliding']:.1f} s ({times['sliding'] / times['whole-grid']:.1f}x)", flush=True)
         for dseg in sorted(dirs["whole-grid"].glob("*_dseg.nii.gz")):

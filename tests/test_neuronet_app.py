@@ -180,6 +180,30 @@ def test_t1w_t2w_model_runs_with_and_without_a_t2w(trained, tmp_path):
     assert ("coregister_t2w_neuronet", "neuronet", [("t2w_on_t1w", "t2w")]) in edges
 
 
+def test_dlf_and_neuronet_share_one_t2w_registration(trained, tmp_path):
+    """With a T1w + T2w DLF model too, the subject's T2w is registered once, for both."""
+    from dlf_bids.config import Config
+    from dlf_bids.models.dlf import DeepLabelFusion, DLFConfig
+    from dlf_bids.models.model_file import save_model
+    from dlf_bids.utils.bids import AnatomicalInput
+    from dlf_bids.workflows.base import init_single_image_wf
+
+    data, library = trained["data"], trained["library"]
+    dlf = DeepLabelFusion(DLFConfig(n_labels=len(library.labels.labels) + 1, n_modalities=2,
+                                    wv_channels=(4, 8, 16), ft_channels=(4, 8, 16, 32)))
+    dlf_model = save_model(tmp_path / "dlf.pt", dlf, {"labels": library.labels, "modalities": ["T1w", "T2w"],
+                                                      "patch_size": (16, 16, 16)})
+    anat_dir = data.bids_dir / "sub-01" / "anat"
+    anat = AnatomicalInput("01", anat_dir / "sub-01_T1w.nii.gz", {}, t2w=anat_dir / "sub-01_T2w.nii.gz")
+    config = Config(bids_dir=data.bids_dir, output_dir=tmp_path / "out", analysis_level="participant",
+                    work_dir=tmp_path / "work", atlas_dir=data.atlas_dir, fusion=("dlf",),
+                    dlf_model=dlf_model, tissue_model=trained["model"])
+    wf = init_single_image_wf(config, anat, library)
+    edges = [(u.name, v.name, d["connect"]) for u, v, d in wf._graph.edges(data=True)]
+    assert ("coregister_t2w", "neuronet", [("t2w_on_t1w", "t2w")]) in edges
+    assert [n for n in wf.list_node_names() if "coregister_t2w" in n] == ["coregister_t2w"]
+
+
 def test_a_t1w_model_on_a_reoriented_image(trained, tmp_path):
     """The one-channel path: an untrained T1w network (weights do not change shapes or grids)."""
     import torch

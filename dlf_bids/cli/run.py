@@ -33,10 +33,6 @@ def _fusion_methods(args) -> tuple[str, ...]:
     return tuple(dict.fromkeys(methods))
 
 
-def _dlf_model(args) -> Path | None:
-    return _model_file(args.dlf_model, "DLF model")
-
-
 def _model_file(path: Path | None, what: str) -> Path | None:
     """An optional model file, absolute; a path given but absent: exit 66."""
     from ..errors import MissingInputError
@@ -106,7 +102,7 @@ def config_from_args(args) -> Config:
         bids_database_dir=args.bids_database_dir.absolute() if args.bids_database_dir else None,
         fusion=_fusion_methods(args), registration_preset=args.registration_preset,
         registration=args.registration, deepatlas_model=_deepatlas_model(args),
-        dlf_model=_dlf_model(args), device=args.device, dlf_force=args.dlf_force_modalities,
+        dlf_model=_model_file(args.dlf_model, "DLF model"), device=args.device, dlf_force=args.dlf_force_modalities,
         atlas_batch=args.atlas_batch, dlf_probseg=args.dlf_probseg,
         tissue_model=_model_file(args.tissue_model, "tissue model"),
         output_spaces=output_spaces, templateflow_home=templateflow_home,

@@ -151,7 +151,8 @@ def init_single_image_wf(config: Config, anat: AnatomicalInput, library: AtlasLi
                     ("outputnode.probseg_dlf", "in_file"),
                     ("outputnode.probseg_metadata_dlf", "meta_dict")])])
     if config.tissue_model is not None:  # NeuroNet: the raw T1w alone, no atlas
-        connect_neuronet(workflow, (validate, "out_file"), config, anat, memory.neuronet)
+        connect_neuronet(workflow, (validate, "out_file"), config, anat, memory.neuronet,
+                         t2w_source=(coregister, "t2w_on_t1w") if use_t2w else None)
     return workflow
 
 

@@ -21,9 +21,10 @@ DESCRIPTION = ("NeuroNet (Rajchl et al., 2018): one forward pass of a network tr
                "dlf-bids-train-neuronet on the raw T1w, no skull stripping or bias correction.")
 
 
-def connect_neuronet(workflow, t1w_source, config, anat, mem_gb: float) -> None:
+def connect_neuronet(workflow, t1w_source, config, anat, mem_gb: float, t2w_source=None) -> None:
     """Add the NeuroNet node and its sinks to ``workflow``; ``t1w_source``: (node, field) of the
-    header-validated T1w."""
+    header-validated T1w; ``t2w_source``: (node, field) of the subject's T2w already registered
+    onto it (DLF's), if the graph has one."""
     outputs = model_outputs(str(config.tissue_model))
     threads = config.threads_per_process
     node = pe.Node(NeuroNetSegment(model_file=str(config.tissue_model), device=config.device,
@@ -33,11 +34,12 @@ def connect_neuronet(workflow, t1w_source, config, anat, mem_gb: float) -> None:
                    name="neuronet", n_procs=threads, mem_gb=mem_gb)
     workflow.connect(*t1w_source, node, "t1w")
     if "T2w" in outputs.modalities and anat.t2w is not None:
-        # the model's own T2w registration: DLF's exists only when DLF uses the T2w
-        coregister = pe.Node(CoregisterT2w(t2w=str(anat.t2w), seed=config.seed),
-                             name="coregister_t2w_neuronet")
-        workflow.connect([(t1w_source[0], coregister, [(t1w_source[1], "t1w")]),
-                          (coregister, node, [("t2w_on_t1w", "t2w")])])
+        if t2w_source is None:  # no DLF registration of the T2w to share: the model's own
+            coregister = pe.Node(CoregisterT2w(t2w=str(anat.t2w), seed=config.seed),
+                                 name="coregister_t2w_neuronet")
+            workflow.connect(*t1w_source, coregister, "t1w")
+            t2w_source = (coregister, "t2w_on_t1w")
+        workflow.connect(*t2w_source, node, "t2w")
 
     def sink(name, **entities):
         return pe.Node(DerivativesDataSink(base_directory=str(config.output_dir),
