@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from thread_env import limit_threads  # noqa: E402
 import loo_multiatlas as lma  # noqa: E402  (EVAL_LABELS, dice_per_label, _mean_dice, _stats, ...)
 from loo_dlf import _library_files, _registration_files  # noqa: E402
 
@@ -61,7 +62,7 @@ def _load(path, dtype=np.int32) -> np.ndarray:
 
 
 def _single_thread():
-    os.environ.update(lma.SINGLE_THREAD_ENV)
+    limit_threads(1)
     import torch
 
     torch.set_num_threads(1)
@@ -186,7 +187,7 @@ def _dlf_both(cache: Path, fold, subjects, dlf_model, t1w, truth, warped_t1ws, w
 
 def ants_timing_task(cache: str, out_dir: str, fold: str, atlas_id: str) -> dict:
     """Rerun one cached ANTs quick registration: its time, and whether it gives the same labels."""
-    os.environ.update(lma.SINGLE_THREAD_ENV)
+    limit_threads(1)
     from dlf_bids.registration import register_atlas
 
     cache_p = Path(cache)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import resource
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from thread_env import limit_threads
 
 
 def _peak_mib() -> float:
@@ -26,7 +27,7 @@ def _peak_mib() -> float:
 
 
 def step(name: str, model: str, target: str, atlas_t1w: str, atlas_dseg: str, work: str) -> float:
-    os.environ.update({"OMP_NUM_THREADS": "1", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1"})
+    limit_threads(1)
     from dlf_bids.deepatlas_registration import (align_to_reference, model_reference,
                                                  register_atlas_deepatlas, segment_deepatlas)
 

@@ -26,11 +26,12 @@ absent.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from thread_env import limit_threads
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = PROJECT_ROOT.parent / "shared" / "data" / "fs-training"
@@ -54,8 +55,7 @@ def main(argv=None) -> int:
     if missing:
         print(f"no T1.mgz + aseg.mgz in {', '.join(missing)}: nothing to run", file=sys.stderr)
         return 66
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(args.threads)
+    limit_threads(args.threads)
 
     import nibabel as nb
     import numpy as np

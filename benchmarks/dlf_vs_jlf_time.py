@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import multiprocessing
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from thread_env import limit_threads  # noqa: E402
 import loo_dlf as ld  # noqa: E402
 import loo_multiatlas as lma  # noqa: E402
 
@@ -47,7 +47,7 @@ def _inputs(cache: Path, subject: str):
 
 
 def _threads_env(threads: int) -> None:
-    os.environ.update({k: str(threads) for k in lma.SINGLE_THREAD_ENV})
+    limit_threads(threads)
 
 
 def jlf_task(cache: str, subject: str, threads: int) -> dict:

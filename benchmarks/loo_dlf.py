@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from thread_env import limit_threads  # noqa: E402
 import loo_multiatlas as lma  # noqa: E402  (EVAL_LABELS, dice_per_label, _mean_dice, _stats, ...)
 
 from dlf_bids.models.training import TrainSettings as TS  # noqa: E402  (defaults of the flags)
@@ -87,7 +88,7 @@ def _cpu_seconds() -> float:
 
 
 def _worker_setup(threads: int):
-    os.environ.update({k: str(threads) for k in lma.SINGLE_THREAD_ENV})
+    limit_threads(threads)
     import torch
 
     torch.set_num_threads(threads)
@@ -432,7 +433,7 @@ def main(argv=None) -> int:
            f"-n{args.atlases_per_sample}-s{args.seed}{loss_tag}")
     out = (args.out or cache / tag).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.update({k: str(args.threads) for k in lma.SINGLE_THREAD_ENV})  # inherited by workers
+    limit_threads(args.threads)  # inherited by workers
 
     state = {
         "config": {"from": str(cache), "out": str(out), "subjects": subjects, "folds": folds,

@@ -36,6 +36,8 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
+from thread_env import limit_threads
+
 import numpy as np
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -49,13 +51,6 @@ EVAL_LABELS = (
     14, 15, 16, 17, 53, 18, 54, 24, 26, 58, 28, 60, 31, 63, 77, 251, 252, 253, 254, 255,
 )
 METHODS = ("mv", "jlf")
-# Environment for the workers: one thread for ITK (antspyx), BLAS and OpenMP.
-SINGLE_THREAD_ENV = {
-    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1",
-    "OMP_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-}
 
 
 def _maxrss_mb(who=resource.RUSAGE_SELF) -> float:
@@ -108,7 +103,7 @@ def oracle_segmentation(stack: np.ndarray, truth: np.ndarray, fallback: np.ndarr
 
 def register_task(target_t1w: str, atlas_t1w: str, atlas_dseg: str, out_dir: str,
                   preset: str, seed: int) -> dict:
-    os.environ.update(SINGLE_THREAD_ENV)
+    limit_threads(1)
     import dlf_bids.registration
     from dlf_bids.registration import register_atlas
 
@@ -136,7 +131,7 @@ def register_task(target_t1w: str, atlas_t1w: str, atlas_dseg: str, out_dir: str
 def fusion_task(method: str, target_t1w: str, truth_dseg: str, warped_t1ws: list[str],
                 warped_dsegs: list[str], out_file: str, oracle_fraction: float,
                 atlas_ids: list[str]) -> dict:
-    os.environ.update(SINGLE_THREAD_ENV)
+    limit_threads(1)
     import nibabel as nb
 
     import dlf_bids.fusion
@@ -378,7 +373,7 @@ def main(argv=None) -> int:
     if not 1 <= args.jobs <= 2:
         print("--jobs must be 1 or 2 (the benchmark machine is shared)", file=sys.stderr)
         return 2
-    os.environ.update(SINGLE_THREAD_ENV)  # inherited by the spawned workers
+    limit_threads(1)  # inherited by the spawned workers
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import resource
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from thread_env import limit_threads
 
 import nibabel as nb
 import numpy as np
@@ -46,7 +47,7 @@ def make_model(path: Path, network: str, voxel_size: float, protocols) -> Path:
 
 
 def measure(t1w: str, model: str, out_dir: str) -> dict:
-    os.environ["OMP_NUM_THREADS"] = "1"
+    limit_threads(1)
     import torch
 
     from dlf_bids.neuronet_segmentation import neuronet_segment

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import resource
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from thread_env import limit_threads
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 T1 = DATA / "fs-training" / "sub-01" / "T1.mgz"
@@ -31,8 +32,7 @@ EXIT_MISSING_INPUT = 66
 
 
 def predict_task(threads: int, overlap: float, roi: int) -> dict:
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)  # before torch/numpy load their thread pools
+    limit_threads(threads)  # before torch/numpy load their thread pools
     import nibabel as nb
     import numpy as np
     import torch

@@ -21,15 +21,25 @@ from .fusion import load_label_stack, save_labels
 from .registration import set_itk_threads
 
 
-def brain_mask_from_labels(warped_dsegs, out_file) -> Path:
-    """The union of the warped atlas labels, holes filled: the brain as the atlases see it.
+#: How far the Atropos mask reaches beyond the warped atlas labels. FreeSurfer-style labels stop at
+#: the pial surface, so their union holds almost no sulcal CSF: on fs-training's sub-01 (2 mm,
+#: 4 warped atlases) k-means then split the white matter in two and called grey matter CSF
+#: (GM/WM Dice 0.25/0.07 against FreeSurfer). Grown by 3 mm: 0.80/0.82; by 4 mm 0.78/0.81; by
+#: 5 mm the scalp's bright fat takes a class and WM fails again (0.67/0.11).
+ATROPOS_MASK_MARGIN_MM = 3.0
 
-    Not dilated: a dilated mask would hand Atropos skull and scalp, whose bright fat then takes a
-    tissue class."""
+
+def brain_mask_from_labels(warped_dsegs, out_file, margin_mm: float = ATROPOS_MASK_MARGIN_MM) -> Path:
+    """The union of the warped atlas labels, holes filled, grown by ``margin_mm`` (a Euclidean
+    distance in mm, so the same on any grid): the brain and the CSF around it, as the atlases
+    see it (see :data:`ATROPOS_MASK_MARGIN_MM` for why the margin, and why no more)."""
     stack, ref = load_label_stack(list(warped_dsegs))
     mask = ndimage.binary_fill_holes((stack > 0).any(axis=0))
     if not mask.any():
         raise BadDataError("the warped atlas labels are empty: no brain mask for Atropos")
+    if margin_mm > 0:
+        zooms = np.sqrt((ref.affine[:3, :3] ** 2).sum(axis=0))
+        mask = ndimage.distance_transform_edt(~mask, sampling=zooms) <= margin_mm
     img = nb.Nifti1Image(mask.astype(np.uint8), ref.affine)
     img.set_qform(ref.affine, code=1)
     img.set_sform(ref.affine, code=1)

@@ -19,6 +19,7 @@ from dlf_bids.models.neuronet_training import (
     FORMAT_VERSION,
     NeuroNetExample,
     NeuroNetTrainSettings,
+    foreground_crop,
     load_neuronet,
     save_neuronet,
     settings_dict,
@@ -190,6 +191,21 @@ def test_training_refuses_bad_inputs():
         train_neuronet([wrong], (BLOBS, BRAIN), cfg, NeuroNetTrainSettings(iterations=1), progress=False)
     with pytest.raises(UsageError):
         NeuroNetTrainSettings(iterations=0)
+    with pytest.raises(UsageError, match="foreground_ratio"):
+        NeuroNetTrainSettings(foreground_ratio=1.5)
+
+
+def test_foreground_crops_hold_the_labelled_voxel_and_stay_inside():
+    shape, crop = (40, 30, 20), (16, 16, 16)
+    rng = np.random.default_rng(0)
+    for voxel in [(0, 0, 0), (39, 29, 19), (20, 3, 10), (7, 15, 18)]:
+        foreground = np.array([np.ravel_multi_index(voxel, shape)])
+        region = foreground_crop(shape, crop, foreground, rng)
+        assert all(r.start <= v < r.stop and 0 <= r.start and r.stop <= n and r.stop - r.start == k
+                   for r, v, n, k in zip(region, voxel, shape, crop))
+    # an interior voxel is the crop's centre
+    region = foreground_crop(shape, crop, np.array([np.ravel_multi_index((20, 15, 10), shape)]), rng)
+    assert [r.start for r in region] == [12, 7, 2]
 
 
 # ------------------------------------------------------------------------------ model files

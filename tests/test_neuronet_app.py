@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import io
 import json
-from pathlib import Path
 
 import nibabel as nb
 import numpy as np
@@ -142,16 +141,18 @@ def test_atropos_is_reproducible(trained, tmp_path):
     assert np.array_equal(np.asanyarray(nb.load(again).dataobj), np.asanyarray(nb.load(cached).dataobj))
 
 
-def test_training_images_from_a_bids_dataset(trained):
+def test_training_images_from_a_bids_dataset(trained, tmp_path):
     from dlf_bids.cli.train_neuronet import training_cases
 
     data, library = trained["data"], trained["library"]
-    cases = training_cases(library, data.bids_dir, ["sub-01"], use_atlases=True)
+    cases = training_cases(library, data.bids_dir, ["sub-01"], use_atlases=True, with_t2w=True,
+                           database_dir=tmp_path / "db")
     assert [c.case_id for c in cases] == ["atlas_a01", "atlas_a02", "atlas_a03", "bids_sub_01_T1w"]
     assert cases[0].atlases == library.atlases[1:] and cases[0].reference == library.atlases[0].dseg
     bids = cases[-1]
     assert bids.atlases == library.atlases and bids.reference is None
     assert bids.t1w == data.bids_dir / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    assert bids.t2w == data.bids_dir / "sub-01" / "anat" / "sub-01_T2w.nii.gz"
 
 
 def test_t1w_t2w_model_runs_with_and_without_a_t2w(trained, tmp_path):
@@ -436,11 +437,13 @@ def test_memory_plan_counts_the_neuronet_node(trained, tmp_path):
     (["--protocols", "tissue"], 65, "protocol tissue does not map multiatlas label(s) 1, 6"),
     (["--protocols", "aseg"], 65, "protocol aseg has no class for multiatlas label(s) 1, 6"),
     (["--bids-dir", "BIDS", "--protocols", "library"], 64, "need a label map with every"),
-    (["--bids-dir", "NOWHERE"], 66, "is not a BIDS dataset"),
-    (["--bids-dir", "BIDS", "--participant-label", "99"], 66, "no T1w image found"),
+    (["--bids-dir", "NOWHERE"], 66, "does not exist"),
+    (["--bids-dir", "NOTBIDS"], 65, "is not a BIDS dataset"),
+    (["--bids-dir", "BIDS", "--participant-label", "99"], 66, "participant(s) sub-99 not found"),
 ])
 def test_training_command_refuses_bad_input_in_one_line(demo_data, tmp_path, extra, code, message):
-    extra = [{"BIDS": demo_data.bids_dir, "NOWHERE": tmp_path / "nowhere"}.get(a, a) for a in extra]
+    extra = [{"BIDS": demo_data.bids_dir, "NOWHERE": tmp_path / "nowhere",
+              "NOTBIDS": tmp_path}.get(a, a) for a in extra]
     got, _, err = _run(train_main, [demo_data.atlas_dir, tmp_path / "m.pt", "-w", tmp_path / "w",
                                     *extra])
     lines = [line for line in err.splitlines() if "error" in line]

@@ -30,17 +30,24 @@ def test_rank_by_intensity_renumbers_darkest_first():
     assert rank_by_intensity(np.array([0, 2, 2]), np.array([0, 5, 5.0]), 3).tolist() == [0, 1, 1]
 
 
-def test_brain_mask_is_the_filled_union_of_the_warped_labels(tmp_path):
-    a = np.zeros((9, 9, 9), np.int16)
-    a[2:7, 2:7, 2:7] = 3
-    a[4, 4, 4] = 0  # a hole inside: filled
+def test_brain_mask_is_the_filled_union_of_the_warped_labels_grown_by_a_margin_in_mm(tmp_path):
+    a = np.zeros((15, 15, 15), np.int16)
+    a[5:10, 5:10, 5:10] = 3
+    a[7, 7, 7] = 0  # a hole inside: filled
     b = np.zeros_like(a)
-    b[1, 4, 4] = 7  # another atlas reaches further: in the union
-    mask = np.asanyarray(nb.load(brain_mask_from_labels(
-        [_save(a, tmp_path / "a.nii.gz"), _save(b, tmp_path / "b.nii.gz")],
-        tmp_path / "mask.nii.gz")).dataobj)
-    assert mask[4, 4, 4] == 1 and mask[1, 4, 4] == 1 and mask[0, 0, 0] == 0
+    b[4, 7, 7] = 7  # another atlas reaches further: in the union
+    atlases = [_save(a, tmp_path / "a.nii.gz"), _save(b, tmp_path / "b.nii.gz")]
+    mask = np.asanyarray(nb.load(brain_mask_from_labels(atlases, tmp_path / "m.nii.gz",
+                                                        margin_mm=0)).dataobj)
+    assert mask[7, 7, 7] == 1 and mask[4, 7, 7] == 1 and mask[0, 0, 0] == 0
     assert mask.sum() == 5**3 + 1
+    # 2 mm voxels, a 4 mm margin: two voxels out along an axis, not three; the corner neighbour
+    # (2*sqrt(3) = 3.5 mm) is in, two voxels out on each axis (6.9 mm) is not
+    grown = np.asanyarray(nb.load(brain_mask_from_labels(atlases, tmp_path / "g.nii.gz",
+                                                         margin_mm=4.0)).dataobj)
+    assert grown[7, 7, 11] == 1 and grown[7, 7, 12] == 0 and grown[2, 7, 7] == 1
+    assert grown[10, 10, 10] == 1 and grown[11, 11, 11] == 0
+    assert np.all(grown[mask > 0] == 1)
     with pytest.raises(BadDataError, match="empty"):
         brain_mask_from_labels([_save(np.zeros_like(a), tmp_path / "z.nii.gz")], tmp_path / "m2.nii.gz")
 

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import DlfBidsError, MissingInputError, UsageError
+from ..errors import DlfBidsError, UsageError
 
 NETWORKS = {  # (stem, widths, strides): tiny for tests, paper = Rajchl et al.'s encoder
     "tiny": (4, (4, 8, 16), (1, 2, 2)),
@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the paper's)")
     p.add_argument("--dice-weight", type=float, default=1.0,
                    help="soft Dice added to the cross-entropy (0: the paper's CE only)")
+    p.add_argument("--foreground-ratio", type=float, default=0.5, metavar="P",
+                   help="share of training crops centred on a labelled voxel, the rest placed "
+                        "uniformly (default 0.5; on whole heads a uniform crop is mostly outside "
+                        "the brain)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--nprocs", type=int, default=None, help="teacher nodes run in parallel")
     p.add_argument("--threads", type=int, default=None, help="torch threads for training")
@@ -76,9 +80,12 @@ def _case_id(text: str) -> str:
 
 
 def training_cases(library, bids_dir: Path | None, participants, use_atlases: bool,
-                   with_t2w: bool = False):
-    """Atlases (each registered with the others) and BIDS T1w images (with every atlas); with
-    ``with_t2w``, each with its T2w when it has one (a BIDS T1w's: the same name, ``_T2w``)."""
+                   with_t2w: bool = False, database_dir: Path | None = None):
+    """Atlases (each registered with the others) and BIDS T1w images (with every atlas), the
+    latter queried with pybids like the participant level's inputs (``database_dir``: where its
+    index is kept); with ``with_t2w``, each with its T2w when it has one (the participant
+    level's pairing: same session, same run if any)."""
+    from ..utils.bids import check_bids_dir, collect_anatomicals, load_layout
     from ..workflows.teachers import TeacherCase
 
     cases = []
@@ -88,18 +95,10 @@ def training_cases(library, bids_dir: Path | None, participants, use_atlases: bo
             cases.append(TeacherCase(f"atlas_{_case_id(atlas.atlas_id)}", atlas.t1w, others,
                                      atlas.dseg, atlas.t2w if with_t2w else None))
     if bids_dir is not None:
-        if not (bids_dir / "dataset_description.json").is_file():
-            raise MissingInputError(f"{bids_dir} is not a BIDS dataset (no dataset_description.json)")
-        wanted = {s.removeprefix("sub-") for s in participants or []}
-        found = sorted(p for p in bids_dir.glob("sub-*/**/anat/sub-*_T1w.nii*")
-                       if not wanted or p.name.split("_")[0][4:] in wanted)
-        if not found:
-            raise MissingInputError(f"no T1w image found in {bids_dir}"
-                                    + (f" for {', '.join(sorted(wanted))}" if wanted else ""))
-        for p in found:
-            t2w = p.with_name(p.name.replace("_T1w.nii", "_T2w.nii"))
-            cases.append(TeacherCase(f"bids_{_case_id(p.name.split('.')[0])}", p, library.atlases,
-                                     t2w=t2w if with_t2w and t2w.is_file() else None))
+        layout = load_layout(check_bids_dir(bids_dir), database_dir)
+        for anat in collect_anatomicals(layout, participants).anatomicals:
+            cases.append(TeacherCase(f"bids_{_case_id(anat.t1w.name.split('.')[0])}", anat.t1w,
+                                     library.atlases, t2w=anat.t2w if with_t2w else None))
     if not cases:
         raise UsageError("no training images: give --bids-dir or leave out --no-atlas-images")
     return cases
@@ -191,6 +190,7 @@ def train(args) -> Path:
                                 in_channels=2 if args.t2w else 1)
         settings = NeuroNetTrainSettings(iterations=args.iterations, batch_size=args.batch_size,
                                          lr=args.lr, dice_weight=args.dice_weight, seed=args.seed,
+                                         foreground_ratio=args.foreground_ratio,
                                          device=str(resolve_device(args.device)))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -199,7 +199,7 @@ def train(args) -> Path:
 
         torch.set_num_threads(max(1, args.threads))
     cases = training_cases(library, args.bids_dir, args.participant_label,
-                           not args.no_atlas_images, args.t2w)
+                           not args.no_atlas_images, args.t2w, args.work_dir.absolute() / "bids_db")
     if args.t2w and not any(c.t2w for c in cases):
         raise UsageError("--t2w: none of the training images has a T2w")
     started = time.time()

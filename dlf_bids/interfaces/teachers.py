@@ -12,7 +12,7 @@ class _BrainMaskInputSpec(BaseInterfaceInputSpec):
 
 
 class _BrainMaskOutputSpec(TraitedSpec):
-    out_mask = File(exists=True, desc="union of the warped atlas labels, holes filled")
+    out_mask = File(exists=True, desc="union of the warped atlas labels, holes filled, grown by 3 mm")
 
 
 class BrainMaskFromLabels(SimpleInterface):

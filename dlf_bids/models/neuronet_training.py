@@ -4,8 +4,11 @@ Training (:func:`train_neuronet`): every example is a raw image with one label m
 (class values, e.g. from :meth:`~dlf_bids.models.protocols.Protocol.make_label_map`). Images are
 z-scored over the whole volume once (:func:`~dlf_bids.models.neuronet.zscore_volume`, the
 inference normalisation) and padded with 0 to at least the crop size (the placement and value
-sliding-window inference pads with). Each iteration draws ``batch_size`` examples and a uniformly
-random crop of ``config.crop_size`` in each (the paper's random crops), applies ModAug on
+sliding-window inference pads with). Each iteration draws ``batch_size`` examples and a crop of
+``config.crop_size`` in each: with probability ``foreground_ratio`` centred on a random labelled
+voxel (any protocol's label > 0), otherwise uniformly random (the paper's random crops: on a
+whole head most of such a crop is scalp, skull and air, which the network must learn too, but
+then sees little brain per step). It applies ModAug on
 two-channel inputs (DLF's :func:`~dlf_bids.models.training.modaug`: one channel replaced by unit
 white noise, which is what a missing, z-scored modality is replaced by at inference), and
 minimises the mean over protocols of cross-entropy (+ ``dice_weight`` × soft Dice: MONAI
@@ -52,6 +55,7 @@ __all__ = [
     "NeuroNetTrainResult",
     "NeuroNetTrainSettings",
     "load_neuronet",
+    "foreground_crop",
     "random_crop",
     "save_neuronet",
     "settings_dict",
@@ -79,6 +83,7 @@ class NeuroNetTrainSettings:
     batch_size: int = 1
     lr: float = 1e-3  # the paper's Adam learning rate
     dice_weight: float = 0.0  # 0: the paper's cross-entropy only
+    foreground_ratio: float = 0.5  # share of crops centred on a labelled voxel
     modaug: bool = True  # only acts on two-channel (T1w + T2w) inputs
     modaug_prob: float = 0.5
     seed: int = 0
@@ -90,8 +95,9 @@ class NeuroNetTrainSettings:
                 raise UsageError(f"training setting {name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.dice_weight < 0:
             raise UsageError("lr must be > 0 and dice_weight >= 0")
-        if not 0.0 <= self.modaug_prob <= 1.0:
-            raise UsageError(f"modaug_prob must lie in [0, 1], got {self.modaug_prob}")
+        for name in ("modaug_prob", "foreground_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UsageError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass
@@ -102,7 +108,8 @@ class NeuroNetTrainResult:
 
 
 def _prepare(example: NeuroNetExample, k: int, protocols: Sequence[Protocol], cfg: NeuroNetConfig):
-    """(z-scored image, {protocol: channel indices}), both padded to at least the crop size."""
+    """(z-scored image, {protocol: channel indices}, flat indices of the voxels any protocol
+    labels), all padded to at least the crop size."""
     cid = example.case_id or f"example {k}"
     img = np.asarray(example.image, dtype=np.float32)
     if img.ndim == 3:
@@ -120,13 +127,23 @@ def _prepare(example: NeuroNetExample, k: int, protocols: Sequence[Protocol], cf
         if lab.shape != img.shape[1:]:
             raise BadDataError(f"{cid}: {p.name} labels have shape {lab.shape}, the image {img.shape[1:]}")
         labels[p.name] = np.pad(labels_to_channels(lab, p.channel_values, f"{cid}: {p.name} labels"), pads)
-    return np.pad(zscore_volume(img), [(0, 0), *pads]), labels
+    foreground = np.flatnonzero(np.logical_or.reduce([lab > 0 for lab in labels.values()]))
+    return np.pad(zscore_volume(img), [(0, 0), *pads]), labels, foreground
 
 
 def random_crop(shape: Sequence[int], crop: Sequence[int], rng: np.random.Generator) -> tuple[slice, ...]:
     """Slices of a uniformly random ``crop`` inside ``shape`` (every size >= the crop's)."""
     starts = [int(rng.integers(0, n - c + 1)) for n, c in zip(shape, crop)]
     return tuple(slice(s, s + c) for s, c in zip(starts, crop))
+
+
+def foreground_crop(shape: Sequence[int], crop: Sequence[int], foreground: np.ndarray,
+                    rng: np.random.Generator) -> tuple[slice, ...]:
+    """Slices of a ``crop`` centred on a random voxel of ``foreground`` (flat indices into
+    ``shape``), moved inside ``shape`` where the centre is near an edge."""
+    centre = np.unravel_index(int(foreground[rng.integers(0, foreground.size)]), tuple(shape))
+    starts = [int(np.clip(c - k // 2, 0, n - k)) for c, k, n in zip(centre, crop, shape)]
+    return tuple(slice(s, s + k) for s, k in zip(starts, crop))
 
 
 def train_neuronet(
@@ -163,8 +180,11 @@ def train_neuronet(
         for it in range(s.iterations):
             images, targets = [], {p.name: [] for p in protocols}
             for _ in range(s.batch_size):
-                img, labels = prepared[int(rng.integers(0, len(prepared)))]
-                region = random_crop(img.shape[1:], config.crop_size, rng)
+                img, labels, foreground = prepared[int(rng.integers(0, len(prepared)))]
+                if foreground.size and s.foreground_ratio and rng.random() < s.foreground_ratio:
+                    region = foreground_crop(img.shape[1:], config.crop_size, foreground, rng)
+                else:
+                    region = random_crop(img.shape[1:], config.crop_size, rng)
                 x = torch.from_numpy(np.ascontiguousarray(img[(slice(None), *region)]))
                 if use_modaug:  # DLF's ModAug, on the image alone (no atlases here)
                     x, _, _ = modaug(x, x.new_empty((0, *x.shape)), rng, s.modaug_prob)

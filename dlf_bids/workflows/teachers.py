@@ -3,8 +3,8 @@
 Per image (``case_<id>_wf``): the atlas library is registered to the image with the participant
 level's own registration node (so a run of the teachers and a later participant run share the
 work dir's cache), the warped labels are fused (``mv`` or ``jlf``) for ``multiatlas`` protocols,
-their union is the brain mask of Atropos for ``atropos`` protocols, and ``reference`` protocols
-read the label map that comes with the image. One ``labels_<protocol>`` node per protocol then
+their union grown by 3 mm is the brain mask of Atropos for ``atropos`` protocols, and
+``reference`` protocols read the label map that comes with the image. One ``labels_<protocol>`` node per protocol then
 makes the protocol's label map from its source (as is, or collapsed): which nodes exist follows
 from the protocol specs alone, so a new protocol is a spec, not code.
 """
