@@ -15,6 +15,12 @@ own grid (labels with ``genericLabel``, as the ANTs engine does, so both engines
 the registration). The three parts are also written as one ANTs composite transform (``.h5``),
 the form of a BIDS ``_xfm.h5`` that ``antsApplyTransforms`` reads directly.
 
+A T1w + T2w model sees each image as two channels on the reference grid: the T1w, and the T2w
+brought there through the T1w's affine (after a rigid T2w → T1w registration, unless the T2w is
+already on the T1w's grid, as the participant level's coregistered T2w is). An image without a
+T2w gets unit white noise in that channel (:func:`network_input`), which is what ModAug trained
+the networks to expect of a missing modality.
+
 This module holds pure functions (antspyx, torch, nibabel); the Nipype interfaces wrap them.
 """
 
@@ -43,6 +49,7 @@ class AlignedImage:
     transform: Path  # reference -> image (ANTs point mapping; .mat)
     on_reference: Path  # the image resampled onto the reference grid (linear)
     labels_on_reference: Path | None = None  # its label map there (genericLabel), when given
+    t2w_on_reference: Path | None = None  # its T2w there (linear), when given
 
 
 def make_reference_grid(image_file: Path | str, voxel_size: float, out_file: Path | str,
@@ -70,9 +77,11 @@ def make_reference_grid(image_file: Path | str, voxel_size: float, out_file: Pat
 def align_to_reference(image_file: Path | str, reference_file: Path | str, out_dir: Path | str,
                        seed: int | None = 0, n_threads: int | None = None,
                        labels_file: Path | str | None = None,
-                       transform_type: str = ALIGNMENT) -> AlignedImage:
-    """Affine registration of an image to the reference grid, and the image (and its label map,
-    for training) resampled there.
+                       transform_type: str = ALIGNMENT, t2w_file: Path | str | None = None,
+                       t2w_on_image_grid: bool = False) -> AlignedImage:
+    """Affine registration of an image (a T1w) to the reference grid, and the image (and its
+    label map, for training; its T2w, for a T1w + T2w model) resampled there. The T2w is first
+    registered rigidly to the T1w unless ``t2w_on_image_grid`` (it is already in the T1w's space).
 
     The moving image is first brought to the reference's voxel size (the metric is computed at
     that resolution anyway): a 1 mm whole head aligns in ~2 s instead of ~9 s."""
@@ -97,7 +106,34 @@ def align_to_reference(image_file: Path | str, reference_file: Path | str, out_d
                                        interpolator="genericLabel")
         labels_out = out_dir / "labels_on_reference.nii.gz"
         ants.image_write(labels.astype("uint32"), str(labels_out))
-    return AlignedImage(transform, out, labels_out)
+    t2w_out = None
+    if t2w_file is not None:
+        t2w = ants.image_read(str(t2w_file))
+        # reference point -> T1w point (the affine) -> T2w point (the rigid, when needed)
+        to_t2w = [str(transform)]
+        if not t2w_on_image_grid:
+            to_t2w += list(rigid_t2w_to_t1w(img, t2w, seed)["fwdtransforms"])
+        t2w_out = out_dir / "t2w_on_reference.nii.gz"
+        ants.image_write(ants.apply_transforms(ref, t2w, to_t2w, interpolator="linear"), str(t2w_out))
+    return AlignedImage(transform, out, labels_out, t2w_out)
+
+
+def network_input(aligned: AlignedImage, modalities, seed: int = 0) -> np.ndarray:
+    """The networks' input ``(C, X, Y, Z)`` for one aligned image: its T1w on the reference grid,
+    and for a T1w + T2w model its T2w there, or unit white noise (seeded) when it has none."""
+    import nibabel as nb
+
+    t1w = np.asanyarray(nb.load(str(aligned.on_reference)).dataobj, dtype=np.float32)
+    channels = [t1w]
+    for modality in list(modalities)[1:]:
+        if modality != "T2w":
+            raise BadDataError(f"DeepAtlas models take T1w and T2w, not {modality}")
+        if aligned.t2w_on_reference is not None:
+            channels.append(np.asanyarray(nb.load(str(aligned.t2w_on_reference)).dataobj,
+                                          dtype=np.float32))
+        else:
+            channels.append(np.random.default_rng(seed).standard_normal(t1w.shape, dtype=np.float32))
+    return np.stack(channels)
 
 
 def displacement_field(ddf: np.ndarray, reference):
@@ -150,7 +186,6 @@ def register_atlas_deepatlas(target_t1w: Path | str, target: AlignedImage, atlas
     docstring). ``target`` and ``atlas`` are :func:`align_to_reference` of the subject's and the
     atlas's T1w: once per subject and once per atlas, not per pair."""
     import ants
-    import nibabel as nb
 
     from .models.deepatlas_inference import register
 
@@ -158,10 +193,10 @@ def register_atlas_deepatlas(target_t1w: Path | str, target: AlignedImage, atlas
     out_dir.mkdir(parents=True, exist_ok=True)
     set_itk_threads(n_threads)
     model, info = load_model(model_file, device)
-    if info.config.in_channels != 1:
-        raise BadDataError(f"{model_file}: only T1w-only DeepAtlas models can register here")
-    moving = np.asanyarray(nb.load(str(atlas.on_reference)).dataobj, dtype=np.float32)
-    fixed = np.asanyarray(nb.load(str(target.on_reference)).dataobj, dtype=np.float32)
+    # one noise image per side (different seeds): two identical noise channels would be a
+    # perfect, meaningless match for the network
+    moving = network_input(atlas, info.modalities, seed=(seed or 0) + 1)
+    fixed = network_input(target, info.modalities, seed=seed or 0)
     result = register(model, moving, fixed, device=device)
 
     reference = ants.image_read(str(reference_file))
@@ -200,17 +235,16 @@ def register_atlas_deepatlas(target_t1w: Path | str, target: AlignedImage, atlas
 
 
 def segment_deepatlas(target_t1w: Path | str, target: AlignedImage, model_file: Path | str,
-                      out_file: Path | str, device: str = "cpu") -> Path:
+                      out_file: Path | str, device: str = "cpu", seed: int | None = 0) -> Path:
     """The segmentation network's label map of the subject, on the subject's own grid: predicted
     on the reference grid, brought back through the inverse affine with ``genericLabel``."""
     import ants
-    import nibabel as nb
 
     from .models.deepatlas_inference import segment
 
-    model, _ = load_model(model_file, device)
+    model, info = load_model(model_file, device)
     on_ref = ants.image_read(str(target.on_reference))
-    image = np.asanyarray(nb.load(str(target.on_reference)).dataobj, dtype=np.float32)
+    image = network_input(target, info.modalities, seed=seed or 0)
     labels = segment(model, image, device=device).astype(np.float32)
     labels_img = ants.from_numpy(labels, origin=on_ref.origin, spacing=on_ref.spacing,
                                  direction=on_ref.direction)

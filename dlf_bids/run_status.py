@@ -19,6 +19,10 @@ STATUS_DIR = Path("logs") / "status"
 STATUSES = ("succeeded", "failed", "skipped")
 
 
+#: the methods that can read a subject's T2w (``RunStatus.t2w_used_by``), as reports name them
+T2W_METHODS = {"dlf": "Deep Label Fusion", "deepatlas": "DeepAtlas", "neuronet": "NeuroNet"}
+
+
 @dataclass
 class RunStatus:
     """The record of one T1w image (or of a subject skipped before any image was chosen)."""
@@ -29,7 +33,8 @@ class RunStatus:
     reason: str | None = None
     t1w: str | None = None  # BIDS URIs into the raw dataset
     t2w: str | None = None
-    t2w_used: bool = False
+    t2w_used: bool = False  # by Deep Label Fusion (its second input)
+    t2w_used_by: list[str] = field(default_factory=list)  # every method that read it: dlf, deepatlas, neuronet
     outputs: list[str] = field(default_factory=list)  # relative to the output dir
     crash_files: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)

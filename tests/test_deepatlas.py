@@ -194,6 +194,62 @@ def test_same_seed_gives_identical_weights():
     assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
 
 
+def two_channel_phantoms(seeds, S=20, without_t2w=()):
+    """T1w + T2w blob phantoms; the images at positions ``without_t2w`` have a T2w of zeros (none)."""
+    out = []
+    for k, s in enumerate(seeds):
+        img, lab = blob_phantom(s, S, jitter=2, radius_jitter=1.0)
+        if k in without_t2w:
+            img[1] = 0
+        out.append((img, lab))
+    return out
+
+
+def test_t1w_t2w_training_with_modaug_and_a_missing_t2w():
+    data = two_channel_phantoms(range(5), without_t2w=(1, 4))
+    labelled, unlabelled = data[:3], [img for img, _ in data[3:]]
+    cfg = tiny_config(in_channels=2, modalities=("T1w", "T2w"))
+    settings = fast_settings(steps=60, phase_steps=10, modaug_prob=0.5)
+    runs = [train_deepatlas(labelled, unlabelled, cfg, settings, progress=False) for _ in range(2)]
+    a, b = (r.model.state_dict() for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # ModAug and the noise channels are seeded
+    h = runs[0].history
+    for phase in ("registration", "segmentation"):
+        losses = [e["loss"] for e in h if e["phase"] == phase]
+        assert all(np.isfinite(losses)) and np.mean(losses[-5:]) < np.mean(losses[:5]), phase
+    # the trained model registers with and without the T2w (noise in its place)
+    (m, m_lab), (t, t_lab) = data[0], data[2]
+    no_t2w = [np.stack([x[0], np.random.default_rng(9).standard_normal(x[0].shape, dtype=np.float32)])
+              for x in (m, t)]
+    for moving, target in ((m, t), no_t2w):
+        out = register(runs[0].model, moving, target, moving_labels=m_lab)
+        assert out.min_jacobian > 0 and out.labels.shape == t_lab.shape
+    with pytest.raises(UsageError, match="modaug_prob"):
+        fast_settings(modaug_prob=2.0)
+
+
+def test_similarity_compares_only_the_channels_both_images_have():
+    """The registration loss on ``channels=[0]`` is the one-channel loss of the T1w alone, whatever
+    the networks saw (``inputs``) and whatever is in the T2w channel."""
+    from dlf_bids.models.deepatlas_training import DeepAtlasLosses
+
+    (m, _), (t, _) = two_channel_phantoms([0, 1], S=16)
+    cfg2, cfg1 = tiny_config(in_channels=2), tiny_config(in_channels=1)
+    model2 = DeepAtlas(cfg2)
+    model1 = DeepAtlas(cfg1)
+    x_m, x_t = (torch.from_numpy(v)[None] for v in (m, t))
+    with torch.no_grad():
+        _, terms2 = DeepAtlasLosses(cfg2).registration(model2, x_m, x_t, channels=[0])
+        garbage = x_m.clone()
+        garbage[:, 1] = torch.randn_like(garbage[:, 1]) * 100
+        _, terms_garbage = DeepAtlasLosses(cfg2).registration(model2, garbage, x_t, channels=[0],
+                                                              inputs=(x_m, x_t))
+        _, terms1 = DeepAtlasLosses(cfg1).registration(model1, x_m[:, :1], x_t[:, :1])
+    # an untrained registration net is the identity (test above): same warp for both models
+    assert terms2["similarity"] == pytest.approx(terms1["similarity"], abs=1e-6)
+    assert terms_garbage["similarity"] == pytest.approx(terms1["similarity"], abs=1e-6)
+
+
 def test_training_refuses_bad_inputs():
     (img, lab), (img2, _) = phantoms([0, 1], S=16)
     cfg, s = tiny_config(), fast_settings(steps=1)
@@ -205,6 +261,8 @@ def test_training_refuses_bad_inputs():
         train_deepatlas([(img, lab)], [img2[:-1]], cfg, s, progress=False)
     with pytest.raises(BadDataError, match="17"):
         train_deepatlas([(img, np.where(lab == 2, 17, lab))], [img2], cfg, s, progress=False)
+    with pytest.raises(BadDataError, match="unlabelled image 0: its first .T1w. channel is empty"):
+        train_deepatlas([(img, lab)], [np.zeros_like(img2)], cfg, s, progress=False)
     with pytest.raises(UsageError):
         DeepAtlasTrainSettings(phase_steps=0)
 

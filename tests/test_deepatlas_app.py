@@ -8,6 +8,7 @@ values, transforms that reproduce the warps, exit codes), not accuracy (BENCHMAR
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,50 @@ def test_one_shot_training_and_unknown_atlas(demo_data, tmp_path):
     code, err = proc.returncode, proc.stderr
     assert code == 64 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("dlf-bids-train-deepatlas: error: atlas(es) zz not in")
+
+
+def test_t1w_t2w_model_registers_subjects_with_and_without_a_t2w(demo_data, tmp_path):
+    """``--t2w``: the demo atlases and sub-01 have a T2w, sub-02 has none. The model takes both
+    channels; at the participant level each image's T2w reaches the reference grid through its
+    T1w's alignment, and sub-02 runs on noise in that channel."""
+    from dlf_bids.utils.atlas_library import load_atlas_library
+
+    model = tmp_path / "t1t2.pt"
+    proc = train_command([demo_data.atlas_dir, model, "--t2w", "--unlabelled", demo_data.bids_dir,
+                          "-w", tmp_path / "tw", *TINY])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = read_deepatlas_info(model)
+    n_atlases = len(load_atlas_library(demo_data.atlas_dir).atlases)
+    assert info.modalities == ["T1w", "T2w"] and info.config.in_channels == 2
+    assert info.train_settings["n_with_t2w"] == n_atlases + 1 and info.train_settings["modaug"]
+    assert f"({n_atlases + 1} with a T2w)" in proc.stdout
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert dlf_bids_main([str(demo_data.bids_dir), str(out), "participant", "--atlas-dir",
+                          str(demo_data.atlas_dir), "--registration", "deepatlas", "--deepatlas-model",
+                          str(model), "--fusion", "mv", "-w", str(work), "--nprocs", "2",
+                          "--skip-bids-validation"]) == 0
+    for sub in ("01", "02"):
+        for method in ("mv", "deepatlas"):
+            assert (out / f"sub-{sub}" / "anat" / f"sub-{sub}_seg-{method}_dseg.nii.gz").is_file()
+    sidecars = {sub: json.loads((out / f"sub-{sub}" / "anat" / f"sub-{sub}_seg-deepatlas_dseg.json")
+                                .read_text()) for sub in ("01", "02")}
+    assert sidecars["01"]["Modalities"] == ["T1w", "T2w"] and sidecars["02"]["Modalities"] == ["T1w", "noise"]
+    assert sidecars["01"]["Sources"][1] == "bids:raw:sub-01/anat/sub-01_T2w.nii.gz"
+    aligned = {sub: list(work.glob(f"dlf_bids_wf/sub_{sub}_wf/multiatlas_wf/align_t1w_to_reference/"
+                                   "t2w_on_reference.nii.gz")) for sub in ("01", "02")}
+    assert len(aligned["01"]) == 1 and not aligned["02"]
+    assert len(list(work.glob("dlf_bids_wf/align_atlases_to_reference/mapflow/*/t2w_on_reference.nii.gz"))) \
+        == n_atlases
+    # no training image with a T2w: refused before any work
+    t1w_only = tmp_path / "t1w-only-atlases"
+    shutil.copytree(demo_data.atlas_dir, t1w_only, ignore=shutil.ignore_patterns("*_T2w.*"))
+    proc = train_command([t1w_only, tmp_path / "x.pt", "--t2w", "--unlabelled", demo_data.bids_dir,
+                          "--participant-label", "02", "-w", tmp_path / "tw2", *TINY])
+    assert proc.returncode == 64 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("dlf-bids-train-deepatlas: error: --t2w: none "
+                                                    "of the training images has a T2w")
+    assert not (tmp_path / "x.pt").exists() and not (tmp_path / "tw2" / "deepatlas_training_wf").exists()
 
 
 def test_cli_refuses_deepatlas_without_a_usable_model(demo_data, tmp_path, cli):

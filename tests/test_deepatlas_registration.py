@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dlf_bids.deepatlas_registration import (AlignedImage, align_to_reference, displacement_field,
-                                             make_reference_grid)
+                                             make_reference_grid, network_input)
 from dlf_bids.models.deepatlas import warp_labels
 
 from conftest import blob_phantom
@@ -88,6 +88,41 @@ def test_align_to_reference_undoes_a_translation(tmp_path):
     before = np.mean(unaligned[labels > 0] == labels[labels > 0])
     assert overlap > 0.9 and before < 0.7, (overlap, before)
     assert isinstance(aligned, AlignedImage) and aligned.transform.is_file()
+
+
+def test_a_t2w_follows_its_t1w_onto_the_reference_grid(tmp_path):
+    """The T2w goes through the T1w's affine: one already in the T1w's space (the participant
+    level's coregistered T2w) lands where the T1w lands; a T2w moved away from its T1w is brought
+    back by the rigid step first."""
+    images, labels = blob_phantom(1, shape=(28, 28, 28))
+    t1w, t2w = images
+    ref = _save(tmp_path / "ref.nii.gz", t1w.astype(np.float32))
+    moved = LIA.copy()
+    moved[:3, 3] += [8.0, -6.0, 4.0]
+    img = _save(tmp_path / "moved_T1w.nii.gz", t1w.astype(np.float32), moved)
+    same_space = _save(tmp_path / "same_T2w.nii.gz", t1w.astype(np.float32), moved)
+    aligned = align_to_reference(img, ref, tmp_path / "a", seed=0, n_threads=1, t2w_file=same_space,
+                                 t2w_on_image_grid=True)
+    on_ref = nb.load(str(aligned.on_reference))
+    t2w_on_ref = nb.load(str(aligned.t2w_on_reference))
+    assert t2w_on_ref.shape == on_ref.shape and np.allclose(t2w_on_ref.affine, on_ref.affine)
+    np.testing.assert_allclose(t2w_on_ref.get_fdata(), on_ref.get_fdata(), atol=1e-3)
+
+    elsewhere = moved.copy()
+    elsewhere[:3, 3] += [-4.0, 6.0, 2.0]  # the T2w scanned 7.5 mm away from its T1w
+    t2w_file = _save(tmp_path / "moved_T2w.nii.gz", t2w.astype(np.float32), elsewhere)
+    aligned = align_to_reference(img, ref, tmp_path / "b", seed=0, n_threads=1, t2w_file=t2w_file)
+    back = nb.load(str(aligned.t2w_on_reference)).get_fdata()
+    inside = labels == 41  # the T2w-dark blob comes back where it is on the reference
+    assert back[inside].mean() < 0.6 * back[labels == 0][t1w[labels == 0] > 0].mean()
+
+    two = network_input(aligned, ["T1w", "T2w"])
+    assert two.shape == (2, *on_ref.shape)
+    np.testing.assert_array_equal(two[1], back.astype(np.float32))
+    bare = AlignedImage(aligned.transform, aligned.on_reference)
+    noise = network_input(bare, ["T1w", "T2w"], seed=3)
+    assert abs(noise[1].std() - 1) < 0.05 and np.array_equal(noise, network_input(bare, ["T1w", "T2w"], seed=3))
+    assert network_input(bare, ["T1w"]).shape == (1, *on_ref.shape)
 
 
 def test_reference_grid_is_cropped_to_the_head(tmp_path):

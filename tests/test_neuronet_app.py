@@ -178,7 +178,7 @@ def test_t1w_t2w_model_runs_with_and_without_a_t2w(trained, tmp_path):
                     tissue_model=model)
     wf = init_single_image_wf(config, anat, trained["library"])
     edges = [(u.name, v.name, d["connect"]) for u, v, d in wf._graph.edges(data=True)]
-    assert ("coregister_t2w_neuronet", "neuronet", [("t2w_on_t1w", "t2w")]) in edges
+    assert ("coregister_t2w", "neuronet", [("t2w_on_t1w", "t2w")]) in edges
 
 
 def test_dlf_and_neuronet_share_one_t2w_registration(trained, tmp_path):

@@ -112,8 +112,9 @@ def test_report_shows_each_method_the_registration_check_and_the_summary(runs):
     assert 'src="sub-01/figures/sub-01_desc-atlasreg_T1w.svg"' in html
     assert "Atlas registration check (sub-a01)" in html
     # sub-01 has a T2w that JLF and MV do not use; the report says so, and why
-    assert ("bids:raw:sub-01/anat/sub-01_T2w.nii.gz (not used: only Deep Label Fusion uses a "
-            "T2w, and this run fused with jlf, mv)") in html
+    assert ("bids:raw:sub-01/anat/sub-01_T2w.nii.gz (not used: no model of this run has a T2w "
+            "channel; Deep Label Fusion, DeepAtlas and NeuroNet models can, and this run fused "
+            "with jlf, mv)") in html
     assert f"dlf-bids {__version__}" in html
     assert re.search(r"nipype \d+\.\d+", html) and re.search(r"antspyx \d+\.\d+", html)
     assert "Left-Grey-Matter" in html  # the legend, from the look-up table
@@ -255,9 +256,24 @@ def test_t2w_note_says_why():
                               fusion=["dlf"])).endswith("(used by Deep Label Fusion)")
     assert "has no T2w channel" in t2w_note(RunStatus(**base, t2w="bids:raw:a_T2w.nii.gz",
                                                       fusion=["dlf", "mv"]))
+    assert t2w_note(RunStatus(**base, t2w="bids:raw:a_T2w.nii.gz", fusion=["mv"],
+                              t2w_used_by=["deepatlas", "neuronet"])).endswith(
+        "(used by DeepAtlas, NeuroNet)")
+    assert "no model of this run has a T2w channel" in t2w_note(
+        RunStatus(**base, t2w="bids:raw:a_T2w.nii.gz", fusion=["jlf"]))
     dropped = "sub-01_T2w.nii.gz does not overlap the T1w; T2w not used"
     assert t2w_note(RunStatus(**base, warnings=["anisotropic voxels", dropped])) == \
         f"none used: {dropped}"
+
+
+def test_methods_text_says_which_images_gave_deepatlas_their_t2w():
+    base = dict(status="succeeded", fusion=["mv"], atlases=["sub-a01"], registration="deepatlas",
+                deepatlas_model={"file": "da.pt", "sha256": "cd" * 32}, version="0.1.0")
+    one = RunStatus(name="sub-01", participant_id="sub-01", t2w_used_by=["deepatlas"], **base)
+    two = RunStatus(name="sub-02", participant_id="sub-02", **base)
+    text = "\n".join(methods_of([one, two]).paragraphs)
+    assert "For 1 of 2 T1w images, the subject's T2w image, rigidly registered onto the T1w" in text
+    assert "second input" not in "\n".join(methods_of([two]).paragraphs)
 
 
 def test_methods_text_of_a_dlf_run():

@@ -152,11 +152,12 @@ def check_deepatlas_model(config: Config):
     if info.reference_image is None:
         raise BadDataError(f"DeepAtlas model {config.deepatlas_model} has no reference grid: "
                            "train it with dlf-bids-train-deepatlas")
-    if info.config.in_channels != 1:
+    if tuple(info.modalities) not in (("T1w",), ("T1w", "T2w")):
         raise BadDataError(f"DeepAtlas model {config.deepatlas_model} takes "
-                           f"{'+'.join(info.modalities)}; the registration engine uses T1w-only models")
-    _say(f"DeepAtlas model {config.deepatlas_model.name} ({len(info.labels)} labels, "
-         f"{info.voxel_size:g} mm grid; sha256 {info.sha256[:12]})")
+                           f"{'+'.join(info.modalities)}; the registration engine takes T1w or "
+                           "T1w+T2w models")
+    _say(f"DeepAtlas model {config.deepatlas_model.name} ({'+'.join(info.modalities)}, "
+         f"{len(info.labels)} labels, {info.voxel_size:g} mm grid; sha256 {info.sha256[:12]})")
     return info
 
 
@@ -235,7 +236,7 @@ def run_reports_only(config: Config) -> int:
 
 def run_participant_level(config: Config, validate_input) -> int:
     from ..utils.atlas_library import load_atlas_library
-    from ..workflows.multiatlas import dlf_uses_t2w
+    from ..workflows.base import t2w_users
     from ..utils.derivatives import (write_bidsignore, write_dataset_description, write_method_luts,
                                      write_readme)
 
@@ -252,11 +253,12 @@ def run_participant_level(config: Config, validate_input) -> int:
          f"({', '.join(config.fusion)}); {config.nprocs} process(es)")
     for space in config.output_spaces:
         _say(f"  also in {space}: {space.t1w} (brain mask: {space.mask or 'none'})")
-    t2w_used = "dlf" in config.fusion and dlf_uses_t2w(config, library)
+    users = t2w_users(config, library)
     for anat in anatomicals:
         t2 = ""
         if anat.t2w:
-            t2 = f", T2w {anat.t2w.name} ({'used by dlf' if t2w_used else 'not used by ' + '/'.join(config.fusion)})"
+            t2 = (f", T2w {anat.t2w.name} (used by {', '.join(users)})" if users else
+                  f", T2w {anat.t2w.name} (not used: no model of this run has a T2w channel)")
         _say(f"  sub-{anat.subject}: {anat.t1w.name}{t2}")
 
     config.output_dir.mkdir(parents=True, exist_ok=True)

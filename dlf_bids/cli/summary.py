@@ -19,9 +19,9 @@ from .participant import _say, expected_outputs
 def summarise(config: Config, anatomicals, skipped, started: float, log_dir: Path,
               library, model_info=None, deepatlas_info=None) -> int:
     """Say, and record in ``logs/status/``, what happened to every selected image."""
-    from ..workflows.multiatlas import dlf_uses_t2w
+    from ..workflows.base import t2w_users
 
-    t2w_used = "dlf" in config.fusion and dlf_uses_t2w(config, library)
+    users = list(t2w_users(config, library))
     common = dict(fusion=list(config.fusion), atlases=[f"sub-{a.atlas_id}" for a in library.atlases],
                   registration_preset=config.registration_preset, registration=config.registration,
                   deepatlas_model={"file": config.deepatlas_model.name, "sha256": deepatlas_info.sha256}
@@ -50,7 +50,8 @@ def summarise(config: Config, anatomicals, skipped, started: float, log_dir: Pat
             status="failed" if missing else "succeeded", reason=reason,
             t1w=bids_uri(anat.t1w, config.bids_dir, "raw"),
             t2w=bids_uri(anat.t2w, config.bids_dir, "raw") if anat.t2w else None,
-            t2w_used=bool(anat.t2w) and t2w_used, warnings=list(anat.warnings),
+            t2w_used=bool(anat.t2w) and "dlf" in users,
+            t2w_used_by=users if anat.t2w else [], warnings=list(anat.warnings),
             outputs=[p.relative_to(config.output_dir).as_posix() for p in outs.values()
                      if p.is_file()],
             crash_files=[p.relative_to(config.output_dir).as_posix() for p in crashes], **common))

@@ -3,7 +3,8 @@ atlas library (the labelled images) and, optionally, the T1w images of a BIDS da
 
 Every image is aligned affinely (antspyx) to a reference grid (a T1w at ``--voxel-size`` mm,
 cropped to the head; by default the first atlas), the same way the participant level aligns
-subjects and atlases, so the networks learn the deformable part only. The alignments run as a
+subjects and atlases, so the networks learn the deformable part only (with ``--t2w``, each T2w
+follows its T1w's alignment after a rigid T2w -> T1w registration). The alignments run as a
 Nipype graph cached in the work dir. The model file holds the reference grid, the networks, the
 label table and the training history; give it to ``dlf-bids --registration deepatlas``.
 """
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atlases", nargs="+", metavar="ID",
                    help="use only these atlases of the library as labelled images "
                         "(one id: one-shot training)")
+    p.add_argument("--t2w", action="store_true",
+                   help="train a T1w + T2w model with ModAug (the atlases' T2w and those of "
+                        "--unlabelled; an image without one gets noise), which then registers "
+                        "with or without T2w images")
     p.add_argument("--reference", type=Path, metavar="IMAGE",
                    help="T1w defining the networks' grid (default: the first atlas's T1w)")
     p.add_argument("--voxel-size", type=float, default=2.0, help="grid voxel size in mm (default 2)")
@@ -76,7 +81,8 @@ def _load(path, dtype=np.float32) -> np.ndarray:
     return np.asanyarray(nb.load(str(path)).dataobj).astype(dtype)
 
 
-def _unlabelled_t1ws(args) -> list[Path]:
+def _unlabelled_images(args) -> list[tuple[Path, Path | None]]:
+    """``(T1w, T2w or None)`` of every image of ``--unlabelled`` (T2w only with ``--t2w``)."""
     from ..utils.bids import check_bids_dir, collect_anatomicals, load_layout
 
     if args.unlabelled is None:
@@ -85,7 +91,18 @@ def _unlabelled_t1ws(args) -> list[Path]:
         return []
     bids_dir = check_bids_dir(args.unlabelled.absolute())
     layout = load_layout(bids_dir, args.work_dir.absolute() / "bids_db_unlabelled")
-    return [a.t1w for a in collect_anatomicals(layout, args.participant_label).anatomicals]
+    return [(a.t1w, a.t2w if args.t2w else None)
+            for a in collect_anatomicals(layout, args.participant_label).anatomicals]
+
+
+def _network_image(aligned, with_t2w: bool) -> np.ndarray:
+    """One aligned image as the trainer takes it: the T1w, or T1w + T2w channels with zeros for
+    a missing T2w (the trainer's sign for "no T2w": noise goes there)."""
+    t1w = _load(aligned.on_reference)
+    if not with_t2w:
+        return t1w
+    t2w = _load(aligned.t2w_on_reference) if aligned.t2w_on_reference else np.zeros_like(t1w)
+    return np.stack([t1w, t2w])
 
 
 def _labelled_atlases(args, library):
@@ -116,7 +133,11 @@ def train(args) -> Path:
         raise UsageError(f"--voxel-size must be > 0, got {args.voxel_size}")
     library = load_atlas_library(args.atlas_dir)
     atlases = _labelled_atlases(args, library)
-    unlabelled = _unlabelled_t1ws(args)
+    unlabelled = _unlabelled_images(args)
+    labelled = [(a.t1w, a.dseg, a.t2w if args.t2w else None) for a in atlases]
+    with_t2w = sum(t2w is not None for *_, t2w in labelled + unlabelled)
+    if args.t2w and not with_t2w:
+        raise UsageError("--t2w: none of the training images has a T2w")
     if len(atlases) + len(unlabelled) < 2:
         raise UsageError("DeepAtlas needs at least two images: add atlases or --unlabelled T1w images")
     work_dir = args.work_dir.absolute()
@@ -125,24 +146,25 @@ def train(args) -> Path:
     device = str(resolve_device(args.device))
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    print(f"dlf-bids-train-deepatlas: {len(atlases)} labelled, {len(unlabelled)} unlabelled images, "
-          f"{args.voxel_size:g} mm grid, device {device}")
+    print(f"dlf-bids-train-deepatlas: {len(atlases)} labelled, {len(unlabelled)} unlabelled images"
+          f"{f' ({with_t2w} with a T2w)' if args.t2w else ''}, {args.voxel_size:g} mm grid, "
+          f"device {device}")
 
     started = time.time()
     reference_source = args.reference or atlases[0].t1w
     if not Path(reference_source).is_file():
         raise UsageError(f"reference image {reference_source} does not exist")
     configure_nipype()
-    workflow = init_deepatlas_alignment_wf([(a.t1w, a.dseg) for a in atlases], unlabelled,
-                                           Path(reference_source).absolute(), args.voxel_size,
-                                           work_dir, args.seed)
+    workflow = init_deepatlas_alignment_wf(labelled, unlabelled, Path(reference_source).absolute(),
+                                           args.voxel_size, work_dir, args.seed)
     plugin, plugin_args = plugin_settings("MultiProc", None, args.nprocs or default_nprocs(), None)
     results = {n.name: n.result.outputs for n in workflow.run(plugin=plugin, plugin_args=plugin_args).nodes()}
     reference = results["make_reference"].out_file
-    labelled_data = [(_load(img), _load(lab, np.int32)) for img, lab in
-                     zip(results["align_labelled"].on_reference, results["align_labelled"].labels_on_reference)]
-    unlabelled_data = ([_load(img) for img in results["align_unlabelled"].on_reference]
-                       if unlabelled else [])
+    labelled_data = [(_network_image(results[f"align_labelled{k}"], args.t2w),
+                      _load(results[f"align_labelled{k}"].labels_on_reference, np.int32))
+                     for k in range(len(labelled))]
+    unlabelled_data = [_network_image(results[f"align_unlabelled{k}"], args.t2w)
+                       for k in range(len(unlabelled))]
     print(f"dlf-bids-train-deepatlas: images aligned to the reference in {time.time() - started:.0f} s")
     if args.threads is not None:
         # only now: torch's thread pool must not exist in this process when Nipype forks workers
@@ -152,7 +174,9 @@ def train(args) -> Path:
 
     reg_channels, seg_channels = NETWORKS[args.network]
     labels = (0, *library.labels.indices)
-    config = DeepAtlasConfig(n_labels=len(labels), labels=labels, modalities=("T1w",),
+    config = DeepAtlasConfig(n_labels=len(labels), labels=labels,
+                             in_channels=2 if args.t2w else 1,
+                             modalities=("T1w", "T2w") if args.t2w else ("T1w",),
                              reg_channels=reg_channels, seg_channels=seg_channels,
                              lambda_a=args.lambda_anatomy, lambda_sp=args.lambda_supervised,
                              lambda_r=args.lambda_bending)
@@ -168,6 +192,7 @@ def train(args) -> Path:
                            "lr_registration": args.lr_registration,
                            "lr_segmentation": args.lr_segmentation,
                            "atlases": [a.atlas_id for a in atlases], "n_unlabelled": len(unlabelled),
+                           "modaug": args.t2w, "n_with_t2w": with_t2w,
                            "history": result.history},
     })
     last = {}

@@ -14,6 +14,9 @@ from ..deepatlas_registration import (ALIGNMENT, AlignedImage, align_to_referenc
 class _AlignToReferenceInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="image to align (T1w)")
     labels = File(exists=True, desc="its label map, also brought onto the reference grid")
+    t2w = File(exists=True, desc="its T2w, also brought onto the reference grid (T1w + T2w models)")
+    t2w_on_image_grid = traits.Bool(False, usedefault=True,
+                                    desc="the T2w is already in the T1w's space (no rigid step)")
     reference = File(exists=True, desc="reference grid (else the model's)")
     transform_type = traits.Str(ALIGNMENT, usedefault=True,
                                 desc="antspyx transform type (with a model: the model's)")
@@ -26,6 +29,7 @@ class _AlignToReferenceOutputSpec(TraitedSpec):
     transform = File(exists=True, desc="reference -> image affine (ANTs .mat)")
     on_reference = File(exists=True, desc="the image on the reference grid")
     labels_on_reference = File(exists=True, desc="the label map on the reference grid")
+    t2w_on_reference = File(exists=True, desc="the T2w on the reference grid")
     reference = File(exists=True, desc="the reference grid used")
 
 
@@ -46,11 +50,14 @@ class AlignToReference(SimpleInterface):
         aligned = align_to_reference(self.inputs.in_file, reference, runtime.cwd, seed=self.inputs.seed,
                                      n_threads=self.inputs.num_threads,
                                      labels_file=self.inputs.labels or None,
-                                     transform_type=transform_type)
+                                     transform_type=transform_type, t2w_file=self.inputs.t2w or None,
+                                     t2w_on_image_grid=self.inputs.t2w_on_image_grid)
         self._results.update(transform=str(aligned.transform), on_reference=str(aligned.on_reference),
                              reference=reference)
         if aligned.labels_on_reference is not None:
             self._results["labels_on_reference"] = str(aligned.labels_on_reference)
+        if aligned.t2w_on_reference is not None:
+            self._results["t2w_on_reference"] = str(aligned.t2w_on_reference)
         return runtime
 
 
@@ -88,8 +95,16 @@ class _SubjectOnReferenceInputSpec(BaseInterfaceInputSpec):
     target_t1w = File(exists=True, mandatory=True, desc="subject T1w: the output grid")
     target_transform = File(exists=True, mandatory=True, desc="reference -> subject affine")
     target_on_reference = File(exists=True, mandatory=True, desc="subject T1w on the reference grid")
+    target_t2w_on_reference = File(exists=True, desc="subject T2w on the reference grid (else "
+                                                     "noise, for a T1w + T2w model)")
     model_file = File(exists=True, mandatory=True, desc="DeepAtlas model")
     device = traits.Str("cpu", usedefault=True, nohash=True, desc="torch device")
+    seed = traits.Int(0, usedefault=True, desc="random seed (rigid T2w -> T1w, noise channels)")
+
+    def aligned_target(self):
+        """The subject as :func:`~dlf_bids.deepatlas_registration.align_to_reference` gave it."""
+        return AlignedImage(self.target_transform, self.target_on_reference,
+                            t2w_on_reference=self.target_t2w_on_reference or None)
 
 
 class _RegisterAtlasDeepAtlasInputSpec(_SubjectOnReferenceInputSpec):
@@ -97,9 +112,10 @@ class _RegisterAtlasDeepAtlasInputSpec(_SubjectOnReferenceInputSpec):
     atlas_t1w = File(exists=True, mandatory=True, desc="atlas T1w")
     atlas_transform = File(exists=True, mandatory=True, desc="reference -> atlas affine")
     atlas_on_reference = File(exists=True, mandatory=True, desc="atlas T1w on the reference grid")
+    atlas_t2w_on_reference = File(exists=True, desc="atlas T2w on the reference grid (else noise, "
+                                                    "for a T1w + T2w model)")
     atlas_dseg = File(exists=True, mandatory=True, desc="atlas label map on the atlas T1w grid")
     atlas_t2w = File(exists=True, desc="atlas T2w (rigidly aligned to the atlas T1w, then warped)")
-    seed = traits.Int(0, usedefault=True, desc="random seed (rigid atlas T2w -> T1w)")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="ITK threads")
 
 
@@ -120,9 +136,10 @@ class RegisterAtlasDeepAtlas(SimpleInterface):
 
     def _run_interface(self, runtime):
         i = self.inputs
+        atlas = AlignedImage(i.atlas_transform, i.atlas_on_reference,
+                             t2w_on_reference=i.atlas_t2w_on_reference or None)
         warped = register_atlas_deepatlas(
-            i.target_t1w, AlignedImage(i.target_transform, i.target_on_reference), i.atlas_t1w,
-            i.atlas_dseg, AlignedImage(i.atlas_transform, i.atlas_on_reference), i.model_file,
+            i.target_t1w, i.aligned_target(), i.atlas_t1w, i.atlas_dseg, atlas, i.model_file,
             i.reference, runtime.cwd, seed=self.inputs.seed,
             n_threads=self.inputs.num_threads, atlas_t2w=self.inputs.atlas_t2w or None,
             device=self.inputs.device)
@@ -149,10 +166,9 @@ class SegmentDeepAtlas(SimpleInterface):
     output_spec = _SegmentDeepAtlasOutputSpec
 
     def _run_interface(self, runtime):
-        out = segment_deepatlas(self.inputs.target_t1w,
-                                AlignedImage(self.inputs.target_transform, self.inputs.target_on_reference),
+        out = segment_deepatlas(self.inputs.target_t1w, self.inputs.aligned_target(),
                                 self.inputs.model_file,
                                 os.path.join(runtime.cwd, "deepatlas_dseg.nii.gz"),
-                                device=self.inputs.device)
+                                device=self.inputs.device, seed=self.inputs.seed)
         self._results["out_dseg"] = str(out)
         return runtime

@@ -20,6 +20,13 @@ softmax of ``F_S`` on it. Losses (MONAI: ``LocalNormalizedCrossCorrelationLoss``
   augmented training labels) ``+ λ_sp ·`` mean supervised ``Dice(F_S(x), labels)`` over the
   labelled sides of the pair.
 
+**T1w + T2w** (``in_channels`` 2): an image whose T2w channel is zero everywhere has no T2w; the
+networks get unit white noise there instead, and with ``modaug`` each step's pair goes through
+DLF's ModAug (:func:`~dlf_bids.models.training.modaug`: with ``modaug_prob``, the T1w or the T2w
+channel of both images replaced by noise, for pairs that have both), so one model registers with
+or without a T2w. ModAug changes what the networks *see*; the similarity term still compares the
+real images, on every channel both of them have (the T1w always, the T2w when both have one).
+
 Phases alternate every ``phase_steps`` steps, registration first; each network has its own Adam.
 Everything random derives from ``seed`` (initialisation under a forked torch RNG, pairs from a
 numpy Generator), so the same seed gives the same weights on CPU.
@@ -43,6 +50,7 @@ from .deepatlas import DeepAtlas, DeepAtlasConfig, warp_image, warp_probabilitie
 from .deepatlas_inference import as_channels, pad, padding, prepare_volume
 from .inference import labels_to_channels, resolve_device
 from .progress import training_progress
+from .training import modaug
 
 __all__ = ["DeepAtlasLosses", "DeepAtlasTrainResult", "DeepAtlasTrainSettings", "train_deepatlas"]
 
@@ -56,6 +64,8 @@ class DeepAtlasTrainSettings:
     phase_steps: int = 20  # K: steps of one phase before switching networks
     lr_registration: float = 1e-4
     lr_segmentation: float = 1e-3
+    modaug: bool = True  # only acts on two-channel (T1w + T2w) inputs
+    modaug_prob: float = 0.5
     seed: int = 0
     device: str = "cpu"
 
@@ -63,6 +73,8 @@ class DeepAtlasTrainSettings:
         for name in ("steps", "phase_steps"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"training setting {name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.modaug_prob <= 1.0:
+            raise UsageError(f"modaug_prob must lie in [0, 1], got {self.modaug_prob}")
 
 
 @dataclass
@@ -89,22 +101,35 @@ class DeepAtlasLosses:
         # (0.18 at lr 3e-2)
         self.dice = DiceLoss(include_background=True)
 
-    def registration(self, model: DeepAtlas, moving, target, m_onehot=None, t_onehot=None):
+    def registration(self, model: DeepAtlas, moving, target, m_onehot=None, t_onehot=None, *,
+                     inputs=None, channels=None):
+        """``inputs``: what the networks see, ``(moving, target)`` (default: the images
+        themselves; ModAug'ed copies in training); the similarity compares the images on
+        ``channels`` (default: all), the mean over those channels."""
         c = self.config
-        ddf = model.registration(moving, target)
-        sim = self.similarity(warp_image(moving, ddf), target)
+        net_moving, net_target = inputs if inputs is not None else (moving, target)
+        ddf = model.registration(net_moving, net_target)
+        if channels is None:
+            channels = range(moving.shape[1])
+        warped = warp_image(moving, ddf)
+        sim = torch.stack([self.similarity(warped[:, k:k + 1], target[:, k:k + 1])
+                           for k in channels]).mean()
         with warnings.catch_warnings():  # MONAI 1.6's indexing, deprecated by torch: not ours to fix
             warnings.filterwarnings("ignore", message="Using a non-tuple sequence")
             bend = self.bending(ddf)
         with torch.no_grad():  # F_S frozen
             s_m, s_t = (oh if oh is not None else torch.softmax(model.segmentation(x), dim=1)
-                        for x, oh in ((moving, m_onehot), (target, t_onehot)))
+                        for x, oh in ((net_moving, m_onehot), (net_target, t_onehot)))
         anat = self.dice(warp_probabilities(s_m, ddf), s_t)
         total = sim + c.lambda_r * bend + c.lambda_a * anat
         return total, {"similarity": sim.item(), "bending": bend.item(), "anatomy": anat.item()}
 
-    def segmentation(self, model: DeepAtlas, moving, target, m_onehot=None, t_onehot=None):
+    def segmentation(self, model: DeepAtlas, moving, target, m_onehot=None, t_onehot=None, *,
+                     inputs=None, channels=None):
+        """As :meth:`registration` (``channels`` is unused: no similarity term here)."""
         c = self.config
+        if inputs is not None:
+            moving, target = inputs
         with torch.no_grad():  # F_R frozen
             ddf = model.registration(moving, target)
         # F_S runs on labelled sides too: their prediction is what the supervised term trains
@@ -123,11 +148,12 @@ class DeepAtlasLosses:
         return total, terms
 
 
-def _stack_data(labelled, unlabelled, config: DeepAtlasConfig):
-    """Network inputs ``(N, C, ...)`` (labelled first) and one-hot labels (``None`` per
-    unlabelled image), after checking that every volume shares one shape."""
+def _stack_data(labelled, unlabelled, config: DeepAtlasConfig, rng: np.random.Generator):
+    """Network inputs ``(N, C, ...)`` (labelled first), one-hot labels (``None`` per unlabelled
+    image) and which channels each image has ``(N, C)`` bool, after checking that every volume
+    shares one shape. A channel zero everywhere is a missing modality: unit white noise."""
     channel_values = config.labels if config.labels is not None else tuple(range(config.n_labels))
-    images, onehots, shape = [], [], None
+    images, onehots, present, shape = [], [], [], None
     items = [(img, lab, f"labelled image {k}") for k, (img, lab) in enumerate(labelled)]
     items += [(img, None, f"unlabelled image {k}") for k, img in enumerate(unlabelled)]
     for img, lab, what in items:
@@ -137,7 +163,14 @@ def _stack_data(labelled, unlabelled, config: DeepAtlasConfig):
         elif arr.shape[1:] != shape:
             raise BadDataError(f"{what} has shape {arr.shape[1:]}, the first image {shape}: all volumes "
                                "must share one voxel grid")
-        images.append(prepare_volume(arr, config.in_channels, config.size_divisor, what))
+        if not arr[0].any():
+            raise BadDataError(f"{what}: its first (T1w) channel is empty")
+        has = [bool(arr[k].any()) for k in range(arr.shape[0])]
+        volume = prepare_volume(arr, config.in_channels, config.size_divisor, what)
+        for k in np.flatnonzero(~np.asarray(has)):
+            volume[k] = torch.from_numpy(rng.standard_normal(tuple(volume.shape[1:]), dtype=np.float32))
+        images.append(volume)
+        present.append(has)
         if lab is None:
             onehots.append(None)
             continue
@@ -147,7 +180,7 @@ def _stack_data(labelled, unlabelled, config: DeepAtlasConfig):
         idx = labels_to_channels(lab, channel_values, f"labels of {what}").astype(np.int64)
         idx = torch.from_numpy(pad(idx, padding(shape, config.size_divisor)))  # padding: background
         onehots.append(F.one_hot(idx, config.n_labels).movedim(-1, 0).float())
-    return torch.stack(images), onehots
+    return torch.stack(images), onehots, torch.tensor(present)
 
 
 def _draw_pair(rng: np.random.Generator, n_labelled: int, n_total: int) -> tuple[int, int]:
@@ -166,17 +199,19 @@ def train_deepatlas(
 ) -> DeepAtlasTrainResult:
     """Train both networks jointly (see the module docstring). Label maps hold label *values*,
     mapped to channels through ``config.labels`` (channel indices when it is ``None``); images
-    are ``(C, X, Y, Z)`` or 3D for one channel. At least one labelled image and two images in all."""
+    are ``(C, X, Y, Z)`` or 3D for one channel (a T2w channel of zeros: no T2w). At least one
+    labelled image and two images in all."""
     s = settings
     if not labelled:
         raise UsageError("DeepAtlas needs at least one labelled image (the atlas)")
     if len(labelled) + len(unlabelled) < 2:
         raise UsageError("DeepAtlas needs at least two images (a moving and a target)")
     device = resolve_device(s.device)
-    images, onehots = _stack_data(labelled, unlabelled, config)
+    rng = np.random.default_rng(s.seed)
+    images, onehots, present = _stack_data(labelled, unlabelled, config, rng)
     images = images.to(device)
     onehots = [None if oh is None else oh[None].to(device) for oh in onehots]
-    rng = np.random.default_rng(s.seed)
+    use_modaug = bool(s.modaug and config.in_channels >= 2)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s.seed)
         model = DeepAtlas(config).to(device)
@@ -191,12 +226,20 @@ def train_deepatlas(
         for step in range(s.steps):
             phase = REGISTRATION if (step // s.phase_steps) % 2 == 0 else SEGMENTATION
             m, t = _draw_pair(rng, len(labelled), len(images))
-            args = (model, images[m:m + 1], images[t:t + 1], onehots[m], onehots[t])
+            moving, target = images[m:m + 1], images[t:t + 1]
+            inputs = None
+            # DLF's ModAug on the pair (the target, and the moving image as its one "atlas"),
+            # when both have every modality: an image without its T2w already teaches that case
+            if use_modaug and bool(present[m].all() and present[t].all()):
+                net_target, net_moving, _ = modaug(target[0], moving, rng, s.modaug_prob)
+                inputs = (net_moving, net_target[None])
+            channels = torch.nonzero(present[m] & present[t]).flatten().tolist()
+            args = (model, moving, target, onehots[m], onehots[t])
             if phase == REGISTRATION:
-                loss, terms = losses.registration(*args)
+                loss, terms = losses.registration(*args, inputs=inputs, channels=channels)
                 optimiser = opt_reg
             else:
-                loss, terms = losses.segmentation(*args)
+                loss, terms = losses.segmentation(*args, inputs=inputs)
                 optimiser = opt_seg
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

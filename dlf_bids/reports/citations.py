@@ -233,6 +233,13 @@ def _registration_sentence(records: list[RunStatus], cite, v) -> str:
             f"gave a diffeomorphic displacement (scaling and squaring of a stationary velocity "
             f"field) per atlas, and the atlas labels were warped onto the T1w grid through the "
             f"composed transforms with generic-label interpolation.")
+        deepatlas = [r for r in records if r.registration == "deepatlas"]
+        used = sum("deepatlas" in r.t2w_used_by for r in deepatlas)
+        if used:
+            which = "The subject's" if used == len(deepatlas) else \
+                f"For {used} of {len(deepatlas)} T1w images, the subject's"
+            sentences.append(f"{which} T2w image, rigidly registered onto the T1w, was the "
+                             f"networks' second input, with the atlases' T2w images.")
     return " ".join(sentences)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import MissingInputError
-from ..run_status import RunStatus, read_statuses
+from ..run_status import T2W_METHODS, RunStatus, read_statuses
 from ..utils.derivatives import lut_path
 from ..utils.files import write_text_atomic
 from .citations import NOTICE, REFERENCES, methods_of, write_citations
@@ -71,11 +71,13 @@ def t2w_note(record: RunStatus) -> str:
         # the input checks drop a bad T2w with a warning that says so (cli.participant)
         dropped = [w for w in record.warnings if "T2w not used" in w]
         return f"none used: {dropped[0]}" if dropped else "none found for this T1w"
-    if record.t2w_used:
-        return f"{record.t2w} (used by Deep Label Fusion)"
+    users = record.t2w_used_by or (["dlf"] if record.t2w_used else [])  # older records: DLF's flag
+    if users:
+        return f"{record.t2w} (used by {', '.join(T2W_METHODS.get(u, u) for u in users)})"
     if "dlf" not in record.fusion:
-        return (f"{record.t2w} (not used: only Deep Label Fusion uses a T2w, and this run fused "
-                f"with {', '.join(record.fusion)})")
+        return (f"{record.t2w} (not used: no model of this run has a T2w channel; Deep Label "
+                f"Fusion, DeepAtlas and NeuroNet models can, and this run fused with "
+                f"{', '.join(record.fusion)})")
     return f"{record.t2w} (not used: the DLF model or the atlas library has no T2w channel)"
 
 

@@ -14,7 +14,8 @@ from ..interfaces.registration import CoregisterT2w
 from ..interfaces.reports import PublishFigure, RegistrationCheck
 from ..reports.layout import REGISTRATION_FIGURE, figure_path
 from ..resources import plan_for_run
-from .multiatlas import dlf_uses_t2w, init_align_atlases_node, init_multiatlas_wf
+from .multiatlas import (deepatlas_uses_t2w, dlf_uses_t2w, init_align_atlases_node,
+                         init_multiatlas_wf)
 from .neuronet import connect_neuronet
 from .spaces import init_output_spaces_wf
 from .volumes import connect_label_volumes
@@ -26,6 +27,22 @@ FUSION_DESCRIPTIONS = {  # completed by the registration engine's phrase
 }
 ENGINE_PHRASES = {"ants": "with ANTs (antspyx)",
                   "deepatlas": "by a DeepAtlas network after an antspyx affine alignment"}
+
+
+def t2w_users(config: Config, library: AtlasLibrary) -> tuple[str, ...]:
+    """The methods of this run that read a subject's T2w (registered onto its T1w once; names as
+    in :data:`~dlf_bids.run_status.T2W_METHODS`): DLF with a T2w channel and a library with T2w,
+    a T1w + T2w DeepAtlas or NeuroNet model."""
+    from ..neuronet_segmentation import model_outputs
+
+    users = []
+    if "dlf" in config.fusion and dlf_uses_t2w(config, library):
+        users.append("dlf")
+    if deepatlas_uses_t2w(config):
+        users.append("deepatlas")
+    if config.tissue_model is not None and "T2w" in model_outputs(str(config.tissue_model)).modalities:
+        users.append("neuronet")
+    return tuple(users)
 
 
 def init_dlf_bids_wf(config: Config, anatomicals: list[AnatomicalInput], library: AtlasLibrary):
@@ -42,6 +59,9 @@ def init_dlf_bids_wf(config: Config, anatomicals: list[AnatomicalInput], library
         workflow.connect(align_atlases, "transform", image_wf, "multiatlas_wf.inputnode.atlas_transforms")
         workflow.connect(align_atlases, "on_reference", image_wf,
                          "multiatlas_wf.inputnode.atlas_on_reference")
+        if "t2w" in align_atlases.iterfield:
+            workflow.connect(align_atlases, "t2w_on_reference", image_wf,
+                             "multiatlas_wf.inputnode.atlas_t2w_on_reference")
     return workflow
 
 
@@ -71,9 +91,11 @@ def init_single_image_wf(config: Config, anat: AnatomicalInput, library: AtlasLi
 
     # Fix inconsistent qform/sform before anything else reads the header (niworkflows).
     validate = pe.Node(ValidateImage(), name="validate_t1w")
-    use_t2w = anat.t2w is not None and dlf_uses_t2w(config, library)
+    # the subject's T2w, registered onto its T1w once, for whichever models take a T2w channel
+    users = t2w_users(config, library) if anat.t2w is not None else ()
     memory = plan_for_run(config, anat.t1w, library)
-    multiatlas_wf = init_multiatlas_wf(config, library, subject_has_t2w=use_t2w, memory=memory)
+    multiatlas_wf = init_multiatlas_wf(config, library, memory=memory,
+                                       subject_has_t2w=bool({"dlf", "deepatlas"} & set(users)))
 
     workflow.connect([
         (inputnode, validate, [("t1w", "in_file")]),
@@ -92,14 +114,13 @@ def init_single_image_wf(config: Config, anat: AnatomicalInput, library: AtlasLi
         (multiatlas_wf, check, [("outputnode.warped_t1w", "warped_atlas_t1w")]),
         (check, ds_check, [("out_report", "in_file")]),
     ])
-    if use_t2w:
+    if users:
         # T2w scans are rarely in the T1w's space: rigid registration, then the T1w grid
         coregister = pe.Node(CoregisterT2w(t2w=str(anat.t2w), seed=config.seed),
                              name="coregister_t2w")
-        workflow.connect([
-            (validate, coregister, [("out_file", "t1w")]),
-            (coregister, multiatlas_wf, [("t2w_on_t1w", "inputnode.t2w")]),
-        ])
+        workflow.connect(validate, "out_file", coregister, "t1w")
+        if {"dlf", "deepatlas"} & set(users):
+            workflow.connect(coregister, "t2w_on_t1w", multiatlas_wf, "inputnode.t2w")
     if config.registration == "deepatlas":
         connect_deepatlas_outputs(workflow, multiatlas_wf, config, anat, library)
     if config.output_spaces:
@@ -152,7 +173,7 @@ def init_single_image_wf(config: Config, anat: AnatomicalInput, library: AtlasLi
                     ("outputnode.probseg_metadata_dlf", "meta_dict")])])
     if config.tissue_model is not None:  # NeuroNet: the raw T1w alone, no atlas
         connect_neuronet(workflow, (validate, "out_file"), config, anat, memory.neuronet,
-                         t2w_source=(coregister, "t2w_on_t1w") if use_t2w else None)
+                         t2w_source=(coregister, "t2w_on_t1w") if "neuronet" in users else None)
     return workflow
 
 
@@ -169,6 +190,11 @@ def connect_deepatlas_outputs(workflow, multiatlas_wf, config: Config, anat: Ana
     from ..utils.derivatives import lut_path
 
     raw = bids_uri(anat.t1w, config.bids_dir, "raw")
+    sources, modalities = [raw], ["T1w"]
+    if deepatlas_uses_t2w(config):  # as NeuroNet's sidecar: what the second channel really was
+        modalities.append("T2w" if anat.t2w is not None else "noise")
+        if anat.t2w is not None:
+            sources.append(bids_uri(anat.t2w, config.bids_dir, "raw"))
     ds_seg = pe.Node(DerivativesDataSink(
         base_directory=str(config.output_dir), source_file=str(anat.t1w), segmentation="deepatlas",
         suffix="dseg", compress=True,
@@ -176,7 +202,7 @@ def connect_deepatlas_outputs(workflow, multiatlas_wf, config: Config, anat: Ana
                                   "Niethammer, 2019), trained jointly with the registration "
                                   "network; predicted on the model's reference grid and brought "
                                   "back to the T1w grid (genericLabel)",
-                   "Sources": [raw], "SpatialReference": raw,
+                   "Sources": sources, "SpatialReference": raw, "Modalities": modalities,
                    "DeepAtlasModel": config.deepatlas_model.name}),
         name="ds_seg_deepatlas", run_without_submitting=True)
     workflow.connect(multiatlas_wf, "outputnode.seg_deepatlas", ds_seg, "in_file")

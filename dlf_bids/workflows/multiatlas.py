@@ -27,6 +27,20 @@ def _model_modalities(model_file: str) -> tuple[str, ...]:
         return tuple(load_model(model_file)[1].modalities)
 
 
+@functools.lru_cache(maxsize=8)
+def _deepatlas_modalities(model_file: str) -> tuple[str, ...]:
+    """A DeepAtlas model's input modalities (its metadata alone: no network is built)."""
+    from ..models.deepatlas_file import read_deepatlas_info
+
+    return tuple(read_deepatlas_info(model_file).modalities)
+
+
+def deepatlas_uses_t2w(config: Config) -> bool:
+    """Whether the DeepAtlas engine takes T2w images (a T1w + T2w model)."""
+    return (config.registration == "deepatlas"
+            and "T2w" in _deepatlas_modalities(str(config.deepatlas_model)))
+
+
 def dlf_uses_t2w(config: Config, library: AtlasLibrary) -> bool:
     """Whether atlases' T2w must be warped: a DLF model with a T2w channel and a library with T2w."""
     if "dlf" not in config.fusion:
@@ -54,21 +68,31 @@ def init_register_atlases_node(atlases, preset: str, seed: int, threads: int, wa
 def init_align_atlases_node(config: Config, library: AtlasLibrary) -> pe.MapNode:
     """``--registration deepatlas``: every atlas aligned affinely to the model's reference grid,
     once per run (it does not depend on the subject); its outputs feed every image's workflow."""
+    with_t2w = deepatlas_uses_t2w(config) and library.has_t2w
     align = pe.MapNode(AlignToReference(model_file=str(config.deepatlas_model), seed=config.seed,
                                         num_threads=config.registration_threads),
-                       iterfield=["in_file"], name="align_atlases_to_reference", mem_gb=1.0)
+                       iterfield=["in_file"] + (["t2w"] if with_t2w else []),
+                       name="align_atlases_to_reference", mem_gb=1.0)
     align.inputs.in_file = [str(a.t1w) for a in library.atlases]
+    if with_t2w:  # a library without T2w: the model gets noise in that channel
+        align.inputs.t2w = [str(a.t2w) for a in library.atlases]
     return align
 
 
 def _deepatlas_registration(config: Config, library: AtlasLibrary, workflow, inputnode, outputnode,
-                            warp_t2w: bool, mem_gb: float) -> pe.MapNode:
+                            warp_t2w: bool, subject_has_t2w: bool, mem_gb: float) -> pe.MapNode:
     """The DeepAtlas engine: the subject aligned to the reference grid, one network pass per atlas
-    (atlas alignments come in through ``inputnode``), and the segmentation network's own output."""
+    (atlas alignments come in through ``inputnode``), and the segmentation network's own output.
+    A T1w + T2w model also gets the subject's T2w (already on its T1w grid) and the atlases' T2w
+    on the reference grid, where they exist (noise stands in otherwise)."""
     align = pe.Node(AlignToReference(model_file=str(config.deepatlas_model), seed=config.seed,
-                                     num_threads=config.registration_threads),
+                                     num_threads=config.registration_threads,
+                                     t2w_on_image_grid=True),
                     name="align_t1w_to_reference", mem_gb=mem_gb)
     iterfield = ["atlas_t1w", "atlas_dseg", "atlas_transform", "atlas_on_reference"]
+    network_t2w = deepatlas_uses_t2w(config)
+    if network_t2w and library.has_t2w:
+        iterfield.append("atlas_t2w_on_reference")
     register = pe.MapNode(
         RegisterAtlasDeepAtlas(model_file=str(config.deepatlas_model), device=config.device,
                                seed=config.seed, num_threads=config.registration_threads),
@@ -78,7 +102,8 @@ def _deepatlas_registration(config: Config, library: AtlasLibrary, workflow, inp
     register.inputs.atlas_dseg = [str(a.dseg) for a in library.atlases]
     if warp_t2w:
         register.inputs.atlas_t2w = [str(a.t2w) for a in library.atlases]
-    segment = pe.Node(SegmentDeepAtlas(model_file=str(config.deepatlas_model), device=config.device),
+    segment = pe.Node(SegmentDeepAtlas(model_file=str(config.deepatlas_model), device=config.device,
+                                       seed=config.seed),
                       name="segment_deepatlas", mem_gb=mem_gb)
     to_register = [("transform", "target_transform"), ("on_reference", "target_on_reference"),
                    ("reference", "reference")]
@@ -92,6 +117,12 @@ def _deepatlas_registration(config: Config, library: AtlasLibrary, workflow, inp
         (register, outputnode, [("composite", "atlas_xfms")]),
         (segment, outputnode, [("out_dseg", "seg_deepatlas")]),
     ])
+    if "atlas_t2w_on_reference" in iterfield:
+        workflow.connect(inputnode, "atlas_t2w_on_reference", register, "atlas_t2w_on_reference")
+    if network_t2w and subject_has_t2w:
+        workflow.connect([(inputnode, align, [("t2w", "t2w")]),
+                          (align, register, [("t2w_on_reference", "target_t2w_on_reference")]),
+                          (align, segment, [("t2w_on_reference", "target_t2w_on_reference")])])
     return register
 
 
@@ -107,10 +138,10 @@ def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multi
     t1w
         the subject's T1w image (header-validated); defines the output grid
     t2w
-        the subject's T2w on the T1w grid (used by DLF when the model has a T2w channel)
-    atlas_transforms, atlas_on_reference
+        the subject's T2w on the T1w grid (used by DLF and DeepAtlas models with a T2w channel)
+    atlas_transforms, atlas_on_reference, atlas_t2w_on_reference
         ``--registration deepatlas`` only: the atlases aligned to the model's reference grid
-        (:func:`init_align_atlases_node`)
+        (:func:`init_align_atlases_node`; their T2w for a T1w + T2w model)
 
     Outputs
     -------
@@ -124,7 +155,8 @@ def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multi
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w", "t2w", "atlas_transforms",
-                                                      "atlas_on_reference"]), name="inputnode")
+                                                      "atlas_on_reference",
+                                                      "atlas_t2w_on_reference"]), name="inputnode")
     outputnode = pe.Node(
         niu.IdentityInterface(fields=["warped_t1w", "warped_dseg", "uncertainty_dlf", "metadata_dlf",
                                       "probseg_dlf", "probseg_metadata_dlf", "seg_deepatlas",
@@ -137,7 +169,7 @@ def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multi
 
     if config.registration == "deepatlas":
         register = _deepatlas_registration(config, library, workflow, inputnode, outputnode, warp_t2w,
-                                           memory.deepatlas)
+                                           subject_has_t2w, memory.deepatlas)
     else:
         register = init_register_atlases_node(library.atlases, config.registration_preset,
                                               config.seed, config.registration_threads, warp_t2w,

@@ -13,7 +13,6 @@ from nipype.pipeline import engine as pe
 
 from ..interfaces.bids import DerivativesDataSink
 from ..interfaces.neuronet import NeuroNetSegment
-from ..interfaces.registration import CoregisterT2w
 from ..neuronet_segmentation import TISSUE_LABELS, model_outputs
 from ..utils.bids import bids_uri
 
@@ -23,8 +22,9 @@ DESCRIPTION = ("NeuroNet (Rajchl et al., 2018): one forward pass of a network tr
 
 def connect_neuronet(workflow, t1w_source, config, anat, mem_gb: float, t2w_source=None) -> None:
     """Add the NeuroNet node and its sinks to ``workflow``; ``t1w_source``: (node, field) of the
-    header-validated T1w; ``t2w_source``: (node, field) of the subject's T2w already registered
-    onto it (DLF's), if the graph has one."""
+    header-validated T1w; ``t2w_source``: (node, field) of the subject's T2w registered onto it
+    (the image workflow's one registration, shared by every model that takes a T2w), given
+    when the subject has a T2w and the model a T2w channel."""
     outputs = model_outputs(str(config.tissue_model))
     threads = config.threads_per_process
     node = pe.Node(NeuroNetSegment(model_file=str(config.tissue_model), device=config.device,
@@ -33,12 +33,7 @@ def connect_neuronet(workflow, t1w_source, config, anat, mem_gb: float, t2w_sour
                                        bids_uri(anat.t1w, config.bids_dir, "raw")]}),
                    name="neuronet", n_procs=threads, mem_gb=mem_gb)
     workflow.connect(*t1w_source, node, "t1w")
-    if "T2w" in outputs.modalities and anat.t2w is not None:
-        if t2w_source is None:  # no DLF registration of the T2w to share: the model's own
-            coregister = pe.Node(CoregisterT2w(t2w=str(anat.t2w), seed=config.seed),
-                                 name="coregister_t2w_neuronet")
-            workflow.connect(*t1w_source, coregister, "t1w")
-            t2w_source = (coregister, "t2w_on_t1w")
+    if t2w_source is not None:
         workflow.connect(*t2w_source, node, "t2w")
 
     def sink(name, **entities):

@@ -35,22 +35,23 @@ def init_dlf_training_registration_wf(library: AtlasLibrary, work_dir: Path, pre
 def init_deepatlas_alignment_wf(labelled, unlabelled, reference_source: Path, voxel_size: float,
                                 work_dir: Path, seed: int):
     """DeepAtlas training inputs: the reference grid (``make_reference``), then every image
-    aligned to it (labelled ones with their label maps), one map item per image, cached in the
-    work dir. ``labelled``: ``(t1w, dseg)`` pairs; ``unlabelled``: T1w files."""
+    aligned to it (labelled ones with their label maps, any with its T2w), cached in the work
+    dir. ``labelled``: ``(t1w, dseg, t2w or None)``; ``unlabelled``: ``(t1w, t2w or None)``.
+    One node per image (``align_labelled<k>``, ``align_unlabelled<k>``): a T2w that only some
+    images have is not something a MapNode's iterfields can say."""
     from ..interfaces.deepatlas import AlignToReference, MakeReferenceGrid
 
     workflow = pe.Workflow(name="deepatlas_training_wf")
     workflow.base_dir = str(work_dir)
     make_reference = pe.Node(MakeReferenceGrid(in_file=str(reference_source), voxel_size=voxel_size),
                              name="make_reference")
-    align_labelled = pe.MapNode(AlignToReference(seed=seed), iterfield=["in_file", "labels"],
-                                name="align_labelled")
-    align_labelled.inputs.in_file = [str(t1w) for t1w, _ in labelled]
-    align_labelled.inputs.labels = [str(dseg) for _, dseg in labelled]
-    workflow.connect(make_reference, "out_file", align_labelled, "reference")
-    if unlabelled:
-        align_unlabelled = pe.MapNode(AlignToReference(seed=seed), iterfield=["in_file"],
-                                      name="align_unlabelled")
-        align_unlabelled.inputs.in_file = [str(t1w) for t1w in unlabelled]
-        workflow.connect(make_reference, "out_file", align_unlabelled, "reference")
+    images = [(f"align_labelled{k}", t1w, dseg, t2w) for k, (t1w, dseg, t2w) in enumerate(labelled)]
+    images += [(f"align_unlabelled{k}", t1w, None, t2w) for k, (t1w, t2w) in enumerate(unlabelled)]
+    for name, t1w, dseg, t2w in images:
+        align = pe.Node(AlignToReference(seed=seed, in_file=str(t1w)), name=name)
+        if dseg is not None:
+            align.inputs.labels = str(dseg)
+        if t2w is not None:
+            align.inputs.t2w = str(t2w)
+        workflow.connect(make_reference, "out_file", align, "reference")
     return workflow
