@@ -125,8 +125,9 @@ class DeepAtlasLosses:
         return total, {"similarity": sim.item(), "bending": bend.item(), "anatomy": anat.item()}
 
     def segmentation(self, model: DeepAtlas, moving, target, m_onehot=None, t_onehot=None, *,
-                     inputs=None, channels=None):
-        """As :meth:`registration` (``channels`` is unused: no similarity term here)."""
+                     inputs=None):
+        """``inputs`` as for :meth:`registration` (no similarity term here: only what the
+        networks see matters)."""
         c = self.config
         if inputs is not None:
             moving, target = inputs
