@@ -84,7 +84,8 @@ def test_participant_outputs(demo_run):
     out = demo_run["out"]
     for sub in ("sub-01", "sub-02"):
         anat = sorted(p.name for p in (out / sub / "anat").iterdir())
-        assert anat == [f"{sub}_from-atlasa0{i}_to-T1w_mode-image_xfm.h5" for i in (1, 2, 3)] + [
+        assert anat == [f"{sub}_from-atlasa0{i}_to-T1w_mode-image_xfm.{ext}"
+                        for i in (1, 2, 3) for ext in ("h5", "json")] + [
             f"{sub}_seg-deepatlas_dseg.json", f"{sub}_seg-deepatlas_dseg.nii.gz",
             f"{sub}_seg-deepatlas_volumes.json", f"{sub}_seg-deepatlas_volumes.tsv",
             f"{sub}_seg-mv_dseg.json", f"{sub}_seg-mv_dseg.nii.gz",
@@ -92,6 +93,17 @@ def test_participant_outputs(demo_run):
     assert (out / "seg-deepatlas_dseg.tsv").is_file()
     assert_valid_bids(out)
     assert listing(demo_run["demo"].bids_dir) == demo_run["before"]
+
+
+def test_xfm_sidecars_carry_the_warp_qc_into_the_report(demo_run):
+    out = demo_run["out"]
+    sidecars = sorted((out / "sub-01" / "anat").glob("sub-01_from-*_to-T1w_mode-image_xfm.json"))
+    assert len(sidecars) == 3
+    values = [json.loads(p.read_text())["MinimumJacobianDeterminant"] for p in sidecars]
+    assert all(isinstance(v, float) for v in values)
+    html = (out / "sub-01.html").read_text()
+    assert "smallest Jacobian determinant per atlas" in html
+    assert f"atlasa01 {values[0]:.2f}" in html
 
 
 def test_segmentations_native_grid_and_labels(demo_run):

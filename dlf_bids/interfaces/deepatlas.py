@@ -126,6 +126,15 @@ class _RegisterAtlasDeepAtlasOutputSpec(TraitedSpec):
     warped_t2w = File(exists=True, desc="atlas T2w on the subject grid (if given)")
     composite = File(exists=True, desc="the same transforms as one ANTs composite (.h5)")
     min_jacobian = traits.Float(desc="smallest Jacobian determinant of the network's warp")
+    xfm_metadata = traits.Dict(desc="sidecar of the composite transform (with min_jacobian)")
+
+
+def xfm_sidecar(min_jacobian: float) -> dict:
+    """The sidecar of an atlas -> T1w composite: what it holds, and the QC number of its warp."""
+    return {"Description": "Atlas -> T1w transform, one ANTs composite: the subject's affine to "
+                           "the DeepAtlas reference grid (inverted), the network's displacement "
+                           "there, the atlas's affine to that grid",
+            "MinimumJacobianDeterminant": round(float(min_jacobian), 4)}
 
 
 class RegisterAtlasDeepAtlas(SimpleInterface):
@@ -145,7 +154,8 @@ class RegisterAtlasDeepAtlas(SimpleInterface):
             device=self.inputs.device)
         self._results.update(warped_t1w=str(warped.t1w), warped_dseg=str(warped.dseg),
                              transforms=[str(t) for t in warped.transforms],
-                             composite=str(warped.composite), min_jacobian=warped.min_jacobian)
+                             composite=str(warped.composite), min_jacobian=warped.min_jacobian,
+                             xfm_metadata=xfm_sidecar(warped.min_jacobian))
         if warped.t2w is not None:
             self._results["warped_t2w"] = str(warped.t2w)
         return runtime

@@ -9,6 +9,7 @@ the registration check is drawn during the run, where the registered atlas exist
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -103,6 +104,26 @@ def summary_rows(record: RunStatus) -> list[tuple[str, str]]:
         f"{name} {version}" for name, version in (record.packages or {}).items()])))
     rows.append(("Run", f"{record.started} to {record.finished} ({record.elapsed_s} s)"))
     return rows
+
+
+def warp_rows(output_dir: Path, record: RunStatus) -> list[tuple[str, str]]:
+    """DeepAtlas runs: each atlas warp's smallest Jacobian determinant, from the sidecars of the
+    atlas -> T1w transforms (a value <= 0 means the warp folds space somewhere)."""
+    if record.registration != "deepatlas" or record.status == "skipped":
+        return []
+    found = []
+    pattern = f"**/anat/{record.name}_from-*_to-T1w_mode-image_xfm.json"
+    for sidecar in sorted((output_dir / record.participant_id).glob(pattern)):
+        try:
+            value = float(json.loads(sidecar.read_text())["MinimumJacobianDeterminant"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        atlas = re.search(r"_from-([A-Za-z0-9]+)_", sidecar.name).group(1)
+        found.append(f"{atlas} {value:.2f}{' (folds)' if value <= 0 else ''}")
+    if not found:
+        return []
+    return [("DeepAtlas warps", "smallest Jacobian determinant per atlas (<= 0: the warp folds): "
+             + ", ".join(found))]
 
 
 def _fresh(figure: Path, *sources: Path) -> bool:
@@ -204,7 +225,7 @@ def image_report(output_dir: Path, bids_dir: Path, record: RunStatus) -> ImageRe
             notes.append(f"segmentation figures: the T1w {t1w or record.t1w} is not there "
                          f"(the figures draw the labels over it)")
         figures += registration_figure(output_dir, record, notes)
-    return ImageReport(record, summary_rows(record), figures, notes)
+    return ImageReport(record, summary_rows(record) + warp_rows(output_dir, record), figures, notes)
 
 
 def _rel(path: Path, output_dir: Path) -> str:

@@ -211,9 +211,13 @@ def connect_deepatlas_outputs(workflow, multiatlas_wf, config: Config, anat: Ana
     for k, atlas in enumerate(library.atlases):
         label = atlas_space_label(atlas.atlas_id)
         pick = pe.Node(niu.Select(index=k), name=f"pick_xfm_{label}", run_without_submitting=True)
+        pick_meta = pe.Node(niu.Select(index=k), name=f"pick_xfm_metadata_{label}",
+                            run_without_submitting=True)
         ds_xfm = pe.Node(DerivativesDataSink(
             base_directory=str(config.output_dir), source_file=str(anat.t1w), suffix="xfm",
             **{"from": label, "to": "T1w", "mode": "image"}),
             name=f"ds_xfm_{label}_to_T1w", run_without_submitting=True)
         workflow.connect([(multiatlas_wf, pick, [("outputnode.atlas_xfms", "inlist")]),
-                          (pick, ds_xfm, [("out", "in_file")])])
+                          (multiatlas_wf, pick_meta, [("outputnode.atlas_xfm_metadata", "inlist")]),
+                          (pick, ds_xfm, [("out", "in_file")]),
+                          (pick_meta, ds_xfm, [("out", "meta_dict")])])

@@ -114,7 +114,7 @@ def _deepatlas_registration(config: Config, library: AtlasLibrary, workflow, inp
         (align, register, to_register),
         (inputnode, segment, [("t1w", "target_t1w")]),
         (align, segment, to_register[:2]),
-        (register, outputnode, [("composite", "atlas_xfms")]),
+        (register, outputnode, [("composite", "atlas_xfms"), ("xfm_metadata", "atlas_xfm_metadata")]),
         (segment, outputnode, [("out_dseg", "seg_deepatlas")]),
     ])
     if "atlas_t2w_on_reference" in iterfield:
@@ -149,9 +149,10 @@ def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multi
         every atlas's image and labels on the subject's grid (for later fusion methods)
     seg_<method>
         one fused label map per method in ``config.fusion``
-    seg_deepatlas, atlas_xfms
+    seg_deepatlas, atlas_xfms, atlas_xfm_metadata
         ``--registration deepatlas`` only: the segmentation network's label map, and each atlas's
-        atlas -> subject transform (ANTs composite ``.h5``)
+        atlas -> subject transform (ANTs composite ``.h5``) with its sidecar (smallest Jacobian
+        determinant of the warp)
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w", "t2w", "atlas_transforms",
@@ -160,7 +161,7 @@ def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multi
     outputnode = pe.Node(
         niu.IdentityInterface(fields=["warped_t1w", "warped_dseg", "uncertainty_dlf", "metadata_dlf",
                                       "probseg_dlf", "probseg_metadata_dlf", "seg_deepatlas",
-                                      "atlas_xfms"]
+                                      "atlas_xfms", "atlas_xfm_metadata"]
                               + [f"seg_{m}" for m in config.fusion]),
         name="outputnode",
     )
