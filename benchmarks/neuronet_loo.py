@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import resource
 import shutil
 import sys
@@ -54,6 +53,7 @@ from pathlib import Path
 
 import nibabel as nb
 import numpy as np
+from thread_env import limit_threads
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fs-training"
 SUBJECTS = ("01", "02", "03", "04", "06")
@@ -78,8 +78,7 @@ def mean(values) -> float:
 def segment_task(t1w: str, model: str, out_dir: str, threads: int, whole_grid: bool = True) -> dict:
     """In a fresh process: :func:`neuronet_segment` on one image, wall time, peak RSS and the
     label maps written; ``whole_grid=False``: always the training crop, slid with overlap 0.5."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
+    limit_threads(threads)
     import torch
 
     from dlf_bids import neuronet_segmentation

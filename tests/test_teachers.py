@@ -69,6 +69,29 @@ def test_atropos_finds_three_intensity_classes(tmp_path):
     assert set(np.unique(tissue[truth == 1])) == {3} and set(np.unique(tissue[truth == 3])) == {2}
 
 
+def test_a_few_very_bright_voxels_in_the_mask_do_not_take_a_class(tmp_path):
+    """Fat or vessels the mask's margin takes in (0.8 % of it here, far brighter than white
+    matter) would be a k-means class of their own, and CSF and GM would share one: the
+    truncation at the mask's 99th percentile keeps the three tissues apart."""
+    rng = np.random.default_rng(1)
+    truth = np.zeros((30, 30, 30), np.int16)
+    truth[3:27, 3:27, 3:27] = 3  # WM
+    truth[3:27, 3:27, 3:10] = 2  # GM
+    truth[3:27, 3:27, 3:5] = 1  # CSF, scarce
+    bright = np.zeros_like(truth, bool)
+    bright[3:27, 3:7, 26] = True  # 96 voxels, 0.7 % of the mask
+    image = np.choose(truth, [0.0, 30.0, 60.0, 100.0]) + rng.normal(0, 3, truth.shape)
+    image[bright] = 600.0
+    t1w = _save(image.astype(np.float32), tmp_path / "t1w.nii.gz")
+    mask = _save((truth > 0).astype(np.uint8), tmp_path / "mask.nii.gz")
+    classes = np.asanyarray(nb.load(atropos_tissue(t1w, mask, tmp_path / "c.nii.gz")).dataobj)
+    tissue = ~bright & (truth > 0)
+    assert np.mean(classes[tissue] == truth[tissue]) > 0.95
+    with pytest.raises(BadDataError, match="empty"):
+        atropos_tissue(t1w, _save(np.zeros((30, 30, 30), np.uint8), tmp_path / "e.nii.gz"),
+                       tmp_path / "e_out.nii.gz")
+
+
 def test_protocol_labels_keep_the_grid_and_refuse_another(tmp_path):
     labels = np.zeros((4, 4, 4), np.int16)
     labels[1:3, 1:3, 1:3] = 5
