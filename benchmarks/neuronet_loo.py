@@ -35,6 +35,9 @@ Results go to ``--out/results.json`` and ``results.md`` (rewritten after every f
     python benchmarks/neuronet_loo.py --out bench-out/neuronet-loo-2mm --voxel-size 2
     # one training on 02 03 04, evaluated on 01 and 06
     python benchmarks/neuronet_loo.py --out bench-out/neuronet-heldout --test-subjects 01 06
+    # then only the speed ratio against teachers at another preset, same model and atlases
+    python benchmarks/neuronet_loo.py --out bench-out/neuronet-heldout --folds 01 --preset quick \
+        --ratio-only bench-out/neuronet-heldout/fold-01-06/neuronet.pt
     # end-to-end check only (minutes): 3 subjects at 3 mm, a tiny network, a few iterations
     python benchmarks/neuronet_loo.py --out bench-out/neuronet-loo-check --voxel-size 3 \\
         --subjects 01 02 03 --network tiny --crop-size 32 --iterations 5 --preset fast --fusion mv
@@ -137,13 +140,50 @@ def fold_library(all_dir: Path, fold_dir: Path, atlas_ids) -> Path:
     return lib
 
 
+def teachers_then_neuronet(args, all_dir: Path, library, protocols, subject: str, model: Path,
+                           fold: Path, preset: str):
+    """In this process, one after the other: the held-out subject's teachers from an empty work
+    dir (what NeuroNet replaces) and :func:`neuronet_segment`. Returns (teacher label maps,
+    NeuroNet's result, teachers' seconds, NeuroNet's seconds)."""
+    from dlf_bids.cli.train_neuronet import run_teachers
+    from dlf_bids.neuronet_segmentation import neuronet_segment
+    from dlf_bids.workflows.teachers import TeacherCase
+
+    t1w = all_dir / f"sub-{subject}" / "anat" / f"sub-{subject}_T1w.nii.gz"
+    aseg_file = all_dir / f"sub-{subject}" / "anat" / f"sub-{subject}_dseg.nii.gz"
+    case = TeacherCase("heldout", t1w, library.atlases, aseg_file)
+    test_work = fold / f"test-work-{subject}-{preset}"
+    shutil.rmtree(test_work, ignore_errors=True)
+    t0 = time.perf_counter()
+    teacher_files = run_teachers([case], protocols, test_work, preset, args.seed, args.fusion,
+                                 args.nprocs)[0]["heldout"]
+    teachers_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = neuronet_segment(t1w, model, fold / f"neuronet-out-{subject}", device=args.device)
+    return teacher_files, result, teachers_s, time.perf_counter() - t0
+
+
+def time_against_teachers(args, all_dir: Path, model: Path) -> None:
+    """``--ratio-only``: the speed ratio alone, teachers at ``--preset``, for each ``--folds``
+    subject, with the trained fold's library and ``MODEL``."""
+    from dlf_bids.models.protocols import resolve_protocol
+    from dlf_bids.utils.atlas_library import load_atlas_library
+
+    fold = model.parent
+    library = load_atlas_library(fold / "library")
+    protocols = [resolve_protocol(p, library.labels) for p in PROTOCOLS]
+    for subject in args.folds or args.subjects:
+        _, _, teachers_s, neuronet_s = teachers_then_neuronet(
+            args, all_dir, library, protocols, subject, model, fold, args.preset)
+        print(f"sub-{subject}: teachers ({args.preset}) {teachers_s:.1f} s, NeuroNet "
+              f"{neuronet_s:.1f} s, ratio {teachers_s / neuronet_s:.1f}x", flush=True)
+
+
 def run_fold(args, all_dir: Path, held_out: list[str]) -> list[dict]:
     """Train on the subjects not in ``held_out``; a result row per held-out subject."""
-    from dlf_bids.cli.train_neuronet import main as train_main, run_teachers
+    from dlf_bids.cli.train_neuronet import main as train_main
     from dlf_bids.models.protocols import ASEG_TO_TISSUE, collapse_labels, resolve_protocol
-    from dlf_bids.neuronet_segmentation import neuronet_segment
     from dlf_bids.utils.atlas_library import load_atlas_library
-    from dlf_bids.workflows.teachers import TeacherCase
 
     fold = args.out / f"fold-{'-'.join(held_out)}"
     others = [s for s in args.subjects if s not in held_out]
@@ -164,20 +204,9 @@ def run_fold(args, all_dir: Path, held_out: list[str]) -> list[dict]:
     protocols = [resolve_protocol(p, library.labels) for p in PROTOCOLS]
     rows = []
     for subject in held_out:
-        t1w = all_dir / f"sub-{subject}" / "anat" / f"sub-{subject}_T1w.nii.gz"
         aseg_file = all_dir / f"sub-{subject}" / "anat" / f"sub-{subject}_dseg.nii.gz"
-        # the teachers of the held-out image from an empty work dir: what NeuroNet replaces
-        case = TeacherCase("heldout", t1w, library.atlases, aseg_file)
-        test_work = fold / f"test-work-{subject}"
-        shutil.rmtree(test_work, ignore_errors=True)
-        t0 = time.perf_counter()
-        teacher_files = run_teachers([case], protocols, test_work, args.preset, args.seed,
-                                     args.fusion, args.nprocs)[0]["heldout"]
-        teachers_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        result = neuronet_segment(t1w, model, fold / f"neuronet-out-{subject}", device=args.device)
-        neuronet_s = time.perf_counter() - t0
-
+        teacher_files, result, teachers_s, neuronet_s = teachers_then_neuronet(
+            args, all_dir, library, protocols, subject, model, fold, args.preset)
         whole_head = time_whole_head(args, subject, model, fold)
 
         truth = collapse_labels(np.asanyarray(nb.load(aseg_file).dataobj), ASEG_TO_TISSUE)
@@ -249,6 +278,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--whole-head-only", type=Path, metavar="MODEL",
                         help="only time MODEL on the --folds subjects' 1 mm whole heads")
+    parser.add_argument("--ratio-only", type=Path, metavar="MODEL",
+                        help="only the teachers (--preset) vs NeuroNet time of the --folds "
+                             "subjects, with MODEL and its fold's library")
     args = parser.parse_args(argv)
     if not DATA.is_dir():
         print(f"neuronet_loo: {DATA} not found (the shared data lives in ../shared/data)",
@@ -267,6 +299,9 @@ def main(argv=None) -> int:
             print(f"sub-{subject}: {time_whole_head(args, subject, args.whole_head_only, where)}", flush=True)
         return 0
     all_dir = args.out / "all-subjects"
+    if args.ratio_only:
+        time_against_teachers(args, all_dir, args.ratio_only.absolute())
+        return 0
     missing = [s for s in args.subjects if not (all_dir / f"sub-{s}").is_dir()]
     if missing:
         code = fs2atlas([str(DATA / f"sub-{s}") for s in missing]
