@@ -99,6 +99,8 @@ def train(cache: Path, fold_dir: Path, fold: str, subjects, setting: str, loss: 
            "--lr-registration", str(args.lr_registration), "--lambda-anatomy", str(LOSSES[loss]),
            "-w", str(fold_dir / f"work_{setting}"), "--threads", str(args.threads), "--nprocs", "2",
            "--seed", str(args.seed)]
+    if args.lambda_bending is not None:
+        cmd += ["--lambda-bending", str(args.lambda_bending)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -256,6 +258,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--phase-steps", type=int, default=20)
     p.add_argument("--lr-registration", type=float, default=2e-3)
+    p.add_argument("--lambda-bending", type=float, default=None,
+                   help="bending energy weight (default: the trainer's)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for training")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
