@@ -162,6 +162,21 @@ def load_model(model_file: Path | str, device: str = "cpu"):
     return _load_model(str(path), path.stat().st_mtime, str(resolve_device(device)))
 
 
+@functools.lru_cache(maxsize=2)
+def _model_info(model_file: str, mtime: float):
+    from .models.deepatlas_file import read_deepatlas_info
+
+    return read_deepatlas_info(model_file)
+
+
+def model_info(model_file: Path | str):
+    """The model's checked metadata (no network built), read once per process: the start-up
+    check and every subject's graph ask for it."""
+    path = Path(model_file)
+    # a missing file: the reader's own one-line refusal (exceptions are not cached)
+    return _model_info(str(path), path.stat().st_mtime if path.is_file() else 0.0)
+
+
 def model_reference(model_file: Path | str, out_file: Path | str) -> tuple[Path, str]:
     """The model's reference grid as a NIfTI file, and the transform type its images are
     aligned with: what :func:`align_to_reference` needs to prepare an image for this model."""

@@ -46,7 +46,7 @@ def brain_mask_from_labels(warped_dsegs, out_file, margin_mm: float = ATROPOS_MA
     if not mask.any():
         raise BadDataError("the warped atlas labels are empty: no brain mask for Atropos")
     if margin_mm > 0:
-        zooms = np.sqrt((ref.affine[:3, :3] ** 2).sum(axis=0))
+        zooms = nb.affines.voxel_sizes(ref.affine)
         mask = ndimage.distance_transform_edt(~mask, sampling=zooms) <= margin_mm
     img = nb.Nifti1Image(mask.astype(np.uint8), ref.affine)
     img.set_qform(ref.affine, code=1)

@@ -146,9 +146,9 @@ def expected_outputs(config: Config, anat) -> dict[str, Path]:
 
 def check_deepatlas_model(config: Config):
     """Refuse a DeepAtlas model the registration engine cannot use, before any work."""
-    from ..models.deepatlas_file import read_deepatlas_info
+    from ..deepatlas_registration import model_info
 
-    info = read_deepatlas_info(config.deepatlas_model)
+    info = model_info(config.deepatlas_model)
     if info.reference_image is None:
         raise BadDataError(f"DeepAtlas model {config.deepatlas_model} has no reference grid: "
                            "train it with dlf-bids-train-deepatlas")

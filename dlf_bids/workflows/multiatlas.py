@@ -27,18 +27,11 @@ def _model_modalities(model_file: str) -> tuple[str, ...]:
         return tuple(load_model(model_file)[1].modalities)
 
 
-@functools.lru_cache(maxsize=8)
-def _deepatlas_modalities(model_file: str) -> tuple[str, ...]:
-    """A DeepAtlas model's input modalities (its metadata alone: no network is built)."""
-    from ..models.deepatlas_file import read_deepatlas_info
-
-    return tuple(read_deepatlas_info(model_file).modalities)
-
-
 def deepatlas_uses_t2w(config: Config) -> bool:
     """Whether the DeepAtlas engine takes T2w images (a T1w + T2w model)."""
-    return (config.registration == "deepatlas"
-            and "T2w" in _deepatlas_modalities(str(config.deepatlas_model)))
+    from ..deepatlas_registration import model_info
+
+    return config.registration == "deepatlas" and "T2w" in model_info(config.deepatlas_model).modalities
 
 
 def dlf_uses_t2w(config: Config, library: AtlasLibrary) -> bool:
