@@ -50,6 +50,9 @@ class AlignedImage:
     on_reference: Path  # the image resampled onto the reference grid (linear)
     labels_on_reference: Path | None = None  # its label map there (genericLabel), when given
     t2w_on_reference: Path | None = None  # its T2w there (linear), when given
+    # T2w -> T1w rigid (ANTs .mat) when it was registered here: an atlas's is reused to warp its
+    # T2w for DLF, so it is registered once per run, not once per subject
+    t2w_to_t1w: Path | None = None
 
 
 def make_reference_grid(image_file: Path | str, voxel_size: float, out_file: Path | str,
@@ -106,16 +109,18 @@ def align_to_reference(image_file: Path | str, reference_file: Path | str, out_d
                                        interpolator="genericLabel")
         labels_out = out_dir / "labels_on_reference.nii.gz"
         ants.image_write(labels.astype("uint32"), str(labels_out))
-    t2w_out = None
+    t2w_out = rigid = None
     if t2w_file is not None:
         t2w = ants.image_read(str(t2w_file))
         # reference point -> T1w point (the affine) -> T2w point (the rigid, when needed)
         to_t2w = [str(transform)]
         if not t2w_on_image_grid:
-            to_t2w += list(rigid_t2w_to_t1w(img, t2w, seed)["fwdtransforms"])
+            (rigid,) = rigid_t2w_to_t1w(img, t2w, seed, outprefix=str(out_dir / "t2w_to_t1w_"))["fwdtransforms"]
+            rigid = Path(rigid)
+            to_t2w.append(str(rigid))
         t2w_out = out_dir / "t2w_on_reference.nii.gz"
         ants.image_write(ants.apply_transforms(ref, t2w, to_t2w, interpolator="linear"), str(t2w_out))
-    return AlignedImage(transform, out, labels_out, t2w_out)
+    return AlignedImage(transform, out, labels_out, t2w_out, rigid)
 
 
 def network_input(aligned: AlignedImage, modalities, seed: int = 0) -> np.ndarray:
@@ -199,7 +204,9 @@ def register_atlas_deepatlas(target_t1w: Path | str, target: AlignedImage, atlas
                              device: str = "cpu", write_composite: bool = True) -> DeepAtlasWarp:
     """Warp one atlas onto the subject with the DeepAtlas registration network (see the module
     docstring). ``target`` and ``atlas`` are :func:`align_to_reference` of the subject's and the
-    atlas's T1w: once per subject and once per atlas, not per pair."""
+    atlas's T1w: once per subject and once per atlas, not per pair. ``atlas_t2w`` is warped too
+    (for DLF), through ``atlas.t2w_to_t1w`` when the alignment registered it, else through a
+    rigid registration to the atlas T1w made here."""
     import ants
 
     from .models.deepatlas_inference import register
@@ -232,7 +239,8 @@ def register_atlas_deepatlas(target_t1w: Path | str, target: AlignedImage, atlas
     if atlas_t2w is not None:
         # the atlas T2w -> atlas T1w rigid transform goes last (applied first to the T2w)
         t2w = ants.image_read(str(atlas_t2w))
-        t2_to_t1 = rigid_t2w_to_t1w(ants.image_read(str(atlas_t1w)), t2w, seed)["fwdtransforms"]
+        t2_to_t1 = ([str(atlas.t2w_to_t1w)] if atlas.t2w_to_t1w is not None else
+                    rigid_t2w_to_t1w(ants.image_read(str(atlas_t1w)), t2w, seed)["fwdtransforms"])
         warped_t2w = ants.apply_transforms(subject, t2w, transforms + list(t2_to_t1),
                                            whichtoinvert=invert + [False] * len(t2_to_t1),
                                            interpolator="linear")

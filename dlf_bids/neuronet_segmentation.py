@@ -155,11 +155,16 @@ class ModelOutputs:
 @functools.lru_cache(maxsize=4)
 def model_outputs(model_file: str) -> ModelOutputs:
     """Read a model file once per process (every subject's graph asks); one-line
-    :class:`BadDataError` for anything but a usable dlf-bids NeuroNet model."""
+    :class:`BadDataError` for anything but a usable dlf-bids NeuroNet model.
+
+    The network is built (so weights that do not fit the configuration are refused here, before
+    any work), with torch held to one thread: this process forks Nipype's workers later."""
+    from .execution import torch_without_thread_pool
     from .models.neuronet_training import load_neuronet
     from .models.protocols import is_bids_tissue
 
-    _, info = load_neuronet(model_file)
+    with torch_without_thread_pool():
+        _, info = load_neuronet(model_file)
     tissue = next((p.name for p in info.protocols if is_bids_tissue(p)), None)
     return ModelOutputs(tissue, tuple(p.name for p in info.protocols if p.name != tissue),
                         {p.name: p.classes for p in info.protocols},

@@ -34,16 +34,18 @@ class WarpedAtlas:
     t2w: Path | None = None  # the atlas T2w on the subject grid, when the atlas has one
 
 
-def rigid_t2w_to_t1w(t1w, t2w, seed: int | None = 0):
+def rigid_t2w_to_t1w(t1w, t2w, seed: int | None = 0, outprefix: str | None = None):
     """Rigid T2w -> T1w registration (mutual information: different contrasts).
 
-    Returns the antspyx result; ``fwdtransforms`` maps the T2w onto the T1w. T2w scans are rarely
-    acquired in the T1w's space, so every T2w goes through this before use.
+    Returns the antspyx result; ``fwdtransforms`` maps the T2w onto the T1w (written under
+    ``outprefix`` when given, to keep; else in a temporary folder). T2w scans are rarely acquired
+    in the T1w's space, so every T2w goes through this before use.
     """
     import ants
 
+    where = {} if outprefix is None else {"outprefix": str(outprefix)}
     with _ants_seed(seed):
-        return ants.registration(t1w, t2w, type_of_transform="Rigid")
+        return ants.registration(t1w, t2w, type_of_transform="Rigid", **where)
 
 
 def coregister_t2w(t1w_file: Path | str, t2w_file: Path | str, out_file: Path | str,

@@ -192,6 +192,7 @@ def test_t1w_t2w_model_registers_subjects_with_and_without_a_t2w(demo_data, tmp_
     assert len(aligned["01"]) == 1 and not aligned["02"]
     assert len(list(work.glob("dlf_bids_wf/align_atlases_to_reference/mapflow/*/t2w_on_reference.nii.gz"))) \
         == n_atlases
+    _check_atlas_t2w_rigid_is_registered_once(demo_data, model, tmp_path)
     # no training image with a T2w: refused before any work
     t1w_only = tmp_path / "t1w-only-atlases"
     shutil.copytree(demo_data.atlas_dir, t1w_only, ignore=shutil.ignore_patterns("*_T2w.*"))
@@ -201,6 +202,38 @@ def test_t1w_t2w_model_registers_subjects_with_and_without_a_t2w(demo_data, tmp_
     assert proc.stderr.strip().splitlines()[-1] == ("dlf-bids-train-deepatlas: error: --t2w: none "
                                                     "of the training images has a T2w")
     assert not (tmp_path / "x.pt").exists() and not (tmp_path / "tw2" / "deepatlas_training_wf").exists()
+
+
+def _check_atlas_t2w_rigid_is_registered_once(demo_data, deepatlas_model, tmp_path):
+    """With a T1w + T2w DLF model too, DLF's warped atlas T2w go through the T2w -> T1w rigid of
+    the run's atlas alignment (one registration per atlas per run, not per subject): the graph,
+    built, not run."""
+    from dlf_bids.config import Config
+    from dlf_bids.models.dlf import DeepLabelFusion, DLFConfig
+    from dlf_bids.models.model_file import save_model
+    from dlf_bids.utils.atlas_library import load_atlas_library
+    from dlf_bids.utils.bids import collect_anatomicals, load_layout
+    from dlf_bids.workflows.base import init_dlf_bids_wf
+
+    table = read_label_table(demo_data.atlas_dir / "dseg.tsv")
+    dlf_model = save_model(tmp_path / "dlf_t1t2.pt", DeepLabelFusion(DLFConfig(
+        n_labels=len(table.labels) + 1, n_modalities=2, wv_channels=(4, 8, 16), ft_channels=(4, 8, 16, 32))),
+        {"labels": table, "modalities": ["T1w", "T2w"], "patch_size": (16, 16, 16)})
+    library = load_atlas_library(demo_data.atlas_dir)
+    config = Config(bids_dir=demo_data.bids_dir, output_dir=tmp_path / "graph-out", analysis_level="participant",
+                    work_dir=tmp_path / "graph-work", atlas_dir=library.root, fusion=("dlf",),
+                    dlf_model=dlf_model, registration="deepatlas", deepatlas_model=deepatlas_model)
+    from dlf_bids.cli.participant import deepatlas_label_table
+    from dlf_bids.utils.derivatives import write_method_luts
+
+    write_method_luts(config.output_dir, ["dlf"], library.labels)  # the sinks' look-up tables
+    write_method_luts(config.output_dir, ["deepatlas"], deepatlas_label_table(read_deepatlas_info(deepatlas_model)))
+    workflow = init_dlf_bids_wf(config, collect_anatomicals(load_layout(demo_data.bids_dir)).anatomicals, library)
+    edges = {(u.name, v.name): d["connect"] for u, v, d in workflow._graph.edges(data=True)}
+    assert ("t2w_to_t1w", "multiatlas_wf.inputnode.atlas_t2w_to_t1w") in \
+        edges[("align_atlases_to_reference", "sub_01_wf")]
+    register = workflow.get_node("sub_01_wf").get_node("multiatlas_wf").get_node("register_atlases")
+    assert {"atlas_t2w", "atlas_t2w_to_t1w", "atlas_t2w_on_reference"} <= set(register.iterfield)
 
 
 def test_cli_refuses_deepatlas_without_a_usable_model(demo_data, tmp_path, cli):

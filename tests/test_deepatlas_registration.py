@@ -134,3 +134,50 @@ def test_reference_grid_is_cropped_to_the_head(tmp_path):
     # 20 x 16 x 30 mm of head at 2 mm, plus one voxel of margin on each side (and resampling edges)
     assert ref.shape[0] <= 10 + 4 and ref.shape[1] <= 8 + 4 and ref.shape[2] <= 15 + 4
     assert ref.shape[0] >= 10 and ref.shape[1] >= 8 and ref.shape[2] >= 15
+
+
+def test_an_atlas_t2w_is_warped_through_the_rigid_of_its_alignment(tmp_path):
+    """The run's atlas alignment keeps its T2w -> T1w rigid; warping that atlas's T2w for DLF
+    goes through it (no second registration per subject), and only a T2w already on its T1w
+    grid has none."""
+    import ants
+
+    from dlf_bids.deepatlas_registration import register_atlas_deepatlas
+    from dlf_bids.models.deepatlas import DeepAtlas, DeepAtlasConfig
+    from dlf_bids.models.deepatlas_file import save_deepatlas
+
+    images, labels = blob_phantom(1, shape=(24, 24, 24))
+    t1w, t2w = (im.astype(np.float32) for im in images)
+    ref = _save(tmp_path / "ref.nii.gz", t1w)
+    elsewhere = LIA.copy()
+    elsewhere[:3, 3] += [-4.0, 6.0, 2.0]
+    atlas_t1w, atlas_dseg = _save(tmp_path / "a_T1w.nii.gz", t1w), _save(tmp_path / "a_dseg.nii.gz", labels.astype(np.int16))
+    atlas_t2w = _save(tmp_path / "a_T2w.nii.gz", t2w, elsewhere)
+    atlas = align_to_reference(atlas_t1w, ref, tmp_path / "atlas", seed=0, n_threads=1, t2w_file=atlas_t2w)
+    assert atlas.t2w_to_t1w is not None and atlas.t2w_to_t1w.parent == tmp_path / "atlas"
+    same_grid = align_to_reference(atlas_t1w, ref, tmp_path / "s", seed=0, n_threads=1,
+                                   t2w_file=atlas_t1w, t2w_on_image_grid=True)
+    assert same_grid.t2w_to_t1w is None
+    target = align_to_reference(atlas_t1w, ref, tmp_path / "target", seed=0, n_threads=1)
+
+    lab_values = (0, *np.unique(labels[labels > 0]).tolist())
+    model = DeepAtlas(DeepAtlasConfig(n_labels=len(lab_values), labels=lab_values,
+                                      reg_channels=(4, 4, 4), seg_channels=(4, 4, 4)))
+    model_file = save_deepatlas(tmp_path / "m.pt", model, {"reference": (t1w, LIA), "voxel_size": 2.0})
+
+    def warp(aligned, name):
+        out = register_atlas_deepatlas(atlas_t1w, target, atlas_t1w, atlas_dseg, aligned, model_file, ref,
+                                       tmp_path / name, seed=0, n_threads=1, atlas_t2w=atlas_t2w)
+        return nb.load(str(out.t2w)).get_fdata()
+
+    reused = warp(atlas, "reused")
+    # a deliberately wrong rigid (10 mm off) shows which transform was applied
+    wrong = ants.create_ants_transform(transform_type="AffineTransform", dimension=3,
+                                       translation=(10.0, 0.0, 0.0))
+    ants.write_transform(wrong, str(tmp_path / "wrong.mat"))
+    moved = warp(AlignedImage(atlas.transform, atlas.on_reference, t2w_to_t1w=tmp_path / "wrong.mat"), "wrong")
+    fresh = warp(AlignedImage(atlas.transform, atlas.on_reference), "fresh")  # registered here
+    assert np.abs(reused - moved).mean() > 0.1 * np.abs(reused).mean()
+    dark = labels == 41  # the T2w-dark blob lands where the atlas labels put it, both ways
+    for warped in (reused, fresh):
+        assert warped[dark].mean() < 0.6 * warped[(labels == 0) & (t1w > 0)].mean()

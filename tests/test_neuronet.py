@@ -353,3 +353,15 @@ def test_networks_do_not_import_nipype():
             "m.startswith(('dlf_bids.interfaces', 'dlf_bids.workflows'))]; print(bad); sys.exit(bool(bad))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_patch_placement_is_shared_with_dlf_and_pads_short_axes():
+    from dlf_bids.models.inference import centred_patch_start, pad_amounts, random_voxel
+
+    # inside, at an edge, and on an axis shorter than the patch (DLF's small images): the start
+    # there is minus the padding inference puts before the image
+    assert centred_patch_start((20, 0, 5), (16, 16, 16), (40, 30, 10)) == [12, 0, -3]
+    assert pad_amounts((40, 30, 10), (16, 16, 16))[2] == (3, 3)
+    rng = np.random.default_rng(1)
+    voxels = {random_voxel(np.array([5, 77]), (4, 5, 6), rng) for _ in range(50)}
+    assert voxels == {(0, 0, 5), (2, 2, 5)}

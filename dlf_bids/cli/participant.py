@@ -191,11 +191,9 @@ def check_tissue_model(config: Config):
     if config.tissue_model is None:
         _say("NeuroNet tissue segmentation: not run (no --tissue-model)")
         return None
-    from ..execution import torch_without_thread_pool
     from ..neuronet_segmentation import model_outputs
 
-    with torch_without_thread_pool():
-        outputs = model_outputs(str(config.tissue_model))
+    outputs = model_outputs(str(config.tissue_model))  # guards torch's thread pool itself
     methods = set(config.fusion) | ({"deepatlas"} if config.registration == "deepatlas" else set())
     clash = sorted(set(outputs.other_protocols) & methods)
     if clash:

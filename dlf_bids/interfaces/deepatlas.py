@@ -30,6 +30,7 @@ class _AlignToReferenceOutputSpec(TraitedSpec):
     on_reference = File(exists=True, desc="the image on the reference grid")
     labels_on_reference = File(exists=True, desc="the label map on the reference grid")
     t2w_on_reference = File(exists=True, desc="the T2w on the reference grid")
+    t2w_to_t1w = File(exists=True, desc="T2w -> T1w rigid (ANTs .mat), when registered here")
     reference = File(exists=True, desc="the reference grid used")
 
 
@@ -58,6 +59,8 @@ class AlignToReference(SimpleInterface):
             self._results["labels_on_reference"] = str(aligned.labels_on_reference)
         if aligned.t2w_on_reference is not None:
             self._results["t2w_on_reference"] = str(aligned.t2w_on_reference)
+        if aligned.t2w_to_t1w is not None:
+            self._results["t2w_to_t1w"] = str(aligned.t2w_to_t1w)
         return runtime
 
 
@@ -116,6 +119,8 @@ class _RegisterAtlasDeepAtlasInputSpec(_SubjectOnReferenceInputSpec):
                                                     "for a T1w + T2w model)")
     atlas_dseg = File(exists=True, mandatory=True, desc="atlas label map on the atlas T1w grid")
     atlas_t2w = File(exists=True, desc="atlas T2w (rigidly aligned to the atlas T1w, then warped)")
+    atlas_t2w_to_t1w = File(exists=True, desc="atlas T2w -> T1w rigid of the run's alignment "
+                                              "(else registered here)")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="ITK threads")
 
 
@@ -146,7 +151,8 @@ class RegisterAtlasDeepAtlas(SimpleInterface):
     def _run_interface(self, runtime):
         i = self.inputs
         atlas = AlignedImage(i.atlas_transform, i.atlas_on_reference,
-                             t2w_on_reference=i.atlas_t2w_on_reference or None)
+                             t2w_on_reference=i.atlas_t2w_on_reference or None,
+                             t2w_to_t1w=i.atlas_t2w_to_t1w or None)
         warped = register_atlas_deepatlas(
             i.target_t1w, i.aligned_target(), i.atlas_t1w, i.atlas_dseg, atlas, i.model_file,
             i.reference, runtime.cwd, seed=self.inputs.seed,

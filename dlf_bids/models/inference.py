@@ -52,8 +52,10 @@ __all__ = [
     "labels_to_channels",
     "normalise_patch",
     "normalised_entropy",
+    "centred_patch_start",
     "pad_amounts",
     "predict",
+    "random_voxel",
     "region_coordinates",
     "resolve_device",
 ]
@@ -153,6 +155,20 @@ def pad_amounts(shape: Sequence[int], patch: Sequence[int]) -> list[tuple[int, i
         diff = max(int(p) - int(s), 0)
         out.append((diff // 2, diff - diff // 2))
     return out
+
+
+def random_voxel(flat_indices: np.ndarray, shape: Sequence[int], rng: np.random.Generator) -> tuple[int, ...]:
+    """A voxel drawn uniformly from ``flat_indices`` (C-order indices into ``shape``)."""
+    return tuple(int(i) for i in np.unravel_index(int(flat_indices[rng.integers(0, flat_indices.size)]),
+                                                  tuple(shape)))
+
+
+def centred_patch_start(centre: Sequence[int], patch: Sequence[int], shape: Sequence[int]) -> list[int]:
+    """Start of a ``patch`` centred on ``centre``, moved inside ``shape``; on an axis shorter
+    than the patch, ``-before`` of :func:`pad_amounts` (the image sits in the patch as padded
+    for inference). Training patches of DLF and NeuroNet crops are placed this way."""
+    return [int(np.clip(c - p // 2, 0, n - p)) if n >= p else -before
+            for c, p, n, (before, _) in zip(centre, patch, shape, pad_amounts(shape, patch))]
 
 
 def region_coordinates(image_shape: Sequence[int], start: Sequence[int], size: Sequence[int],

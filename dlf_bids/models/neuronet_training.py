@@ -41,7 +41,7 @@ from monai.losses import DiceCELoss
 from .. import __version__
 from ..errors import BadDataError, UsageError
 from ..utils.files import atomic_open
-from .inference import labels_to_channels, pad_amounts, resolve_device
+from .inference import centred_patch_start, labels_to_channels, pad_amounts, random_voxel, resolve_device
 from .model_file import _first_line, _plain, check_header, load_weights, model_hash, read_payload
 from .neuronet import NORMALISATION, NeuroNet, NeuroNetConfig, zscore_volume
 from .progress import training_progress
@@ -140,9 +140,9 @@ def random_crop(shape: Sequence[int], crop: Sequence[int], rng: np.random.Genera
 def foreground_crop(shape: Sequence[int], crop: Sequence[int], foreground: np.ndarray,
                     rng: np.random.Generator) -> tuple[slice, ...]:
     """Slices of a ``crop`` centred on a random voxel of ``foreground`` (flat indices into
-    ``shape``), moved inside ``shape`` where the centre is near an edge."""
-    centre = np.unravel_index(int(foreground[rng.integers(0, foreground.size)]), tuple(shape))
-    starts = [int(np.clip(c - k // 2, 0, n - k)) for c, k, n in zip(centre, crop, shape)]
+    ``shape``), moved inside ``shape`` where the centre is near an edge (DLF's patch placement;
+    ``shape`` is already padded to at least the crop)."""
+    starts = centred_patch_start(random_voxel(foreground, shape, rng), crop, shape)
     return tuple(slice(s, s + k) for s, k in zip(starts, crop))
 
 

@@ -64,11 +64,12 @@ from ..errors import BadDataError, UsageError
 from ..utils.labels import LabelTable
 from .dlf import DeepLabelFusion, DLFConfig, check_patch_size, deep_supervision_loss
 from .inference import (
+    centred_patch_start,
     label_distribution,
     labels_to_channels,
     normalise_patch,
-    pad_amounts,
     predict,
+    random_voxel,
     region_coordinates,
     resolve_device,
 )
@@ -344,10 +345,8 @@ def make_sample(case: _Case, settings: TrainSettings, rng: np.random.Generator,
         atlas_indices = select_atlases(case.atlas_images.shape[0], s.atlases_per_sample, rng)
     atlas_indices = np.asarray(atlas_indices, dtype=np.int64)
     if centre is None:
-        centre = np.unravel_index(int(case.foreground[rng.integers(0, case.foreground.size)]), shape)
-    pads = pad_amounts(shape, patch)
-    start = [int(np.clip(c - p // 2, 0, n - p)) if n >= p else -before
-             for c, p, n, (before, _) in zip(centre, patch, shape, pads)]
+        centre = random_voxel(case.foreground, shape, rng)
+    start = centred_patch_start(centre, patch, shape)
     spatial = None
     if augmenter is not None:
         u = rng.random()  # drawn before the crops (which use no randomness): same draw order
@@ -531,7 +530,7 @@ def train_dlf(
             n_avail = vc.atlas_images.shape[0]
             atl = np.arange(s.atlases_per_sample) % n_avail
             for _ in range(s.val_patches):
-                centre = np.unravel_index(int(vc.foreground[val_rng.integers(0, vc.foreground.size)]), vc.shape)
+                centre = random_voxel(vc.foreground, vc.shape, val_rng)
                 val_batches.append(make_sample(vc, run_settings, val_rng, None, centre, atl))
 
     with torch.random.fork_rng(devices=[]):

@@ -62,6 +62,9 @@ def init_dlf_bids_wf(config: Config, anatomicals: list[AnatomicalInput], library
         if "t2w" in align_atlases.iterfield:
             workflow.connect(align_atlases, "t2w_on_reference", image_wf,
                              "multiatlas_wf.inputnode.atlas_t2w_on_reference")
+            if dlf_uses_t2w(config, library):  # DLF warps the atlas T2w: same rigid, once per run
+                workflow.connect(align_atlases, "t2w_to_t1w", image_wf,
+                                 "multiatlas_wf.inputnode.atlas_t2w_to_t1w")
     return workflow
 
 

@@ -86,6 +86,8 @@ def _deepatlas_registration(config: Config, library: AtlasLibrary, workflow, inp
     network_t2w = deepatlas_uses_t2w(config)
     if network_t2w and library.has_t2w:
         iterfield.append("atlas_t2w_on_reference")
+        if warp_t2w:  # the run's alignment registered each atlas T2w to its T1w: reused
+            iterfield.append("atlas_t2w_to_t1w")
     register = pe.MapNode(
         RegisterAtlasDeepAtlas(model_file=str(config.deepatlas_model), device=config.device,
                                seed=config.seed, num_threads=config.registration_threads),
@@ -110,8 +112,9 @@ def _deepatlas_registration(config: Config, library: AtlasLibrary, workflow, inp
         (register, outputnode, [("composite", "atlas_xfms"), ("xfm_metadata", "atlas_xfm_metadata")]),
         (segment, outputnode, [("out_dseg", "seg_deepatlas")]),
     ])
-    if "atlas_t2w_on_reference" in iterfield:
-        workflow.connect(inputnode, "atlas_t2w_on_reference", register, "atlas_t2w_on_reference")
+    for field in ("atlas_t2w_on_reference", "atlas_t2w_to_t1w"):
+        if field in iterfield:
+            workflow.connect(inputnode, field, register, field)
     if network_t2w and subject_has_t2w:
         workflow.connect([(inputnode, align, [("t2w", "t2w")]),
                           (align, register, [("t2w_on_reference", "target_t2w_on_reference")]),
@@ -132,9 +135,10 @@ def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multi
         the subject's T1w image (header-validated); defines the output grid
     t2w
         the subject's T2w on the T1w grid (used by DLF and DeepAtlas models with a T2w channel)
-    atlas_transforms, atlas_on_reference, atlas_t2w_on_reference
+    atlas_transforms, atlas_on_reference, atlas_t2w_on_reference, atlas_t2w_to_t1w
         ``--registration deepatlas`` only: the atlases aligned to the model's reference grid
-        (:func:`init_align_atlases_node`; their T2w for a T1w + T2w model)
+        (:func:`init_align_atlases_node`; for a T1w + T2w model their T2w, and the T2w -> T1w
+        rigid transforms that DLF's warped atlas T2w then reuse)
 
     Outputs
     -------
@@ -149,8 +153,8 @@ def init_multiatlas_wf(config: Config, library: AtlasLibrary, name: str = "multi
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w", "t2w", "atlas_transforms",
-                                                      "atlas_on_reference",
-                                                      "atlas_t2w_on_reference"]), name="inputnode")
+                                                      "atlas_on_reference", "atlas_t2w_on_reference",
+                                                      "atlas_t2w_to_t1w"]), name="inputnode")
     outputnode = pe.Node(
         niu.IdentityInterface(fields=["warped_t1w", "warped_dseg", "uncertainty_dlf", "metadata_dlf",
                                       "probseg_dlf", "probseg_metadata_dlf", "seg_deepatlas",
