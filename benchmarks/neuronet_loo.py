@@ -195,7 +195,8 @@ def run_fold(args, all_dir: Path, held_out: list[str]) -> list[dict]:
                        args.preset, "--network", args.network, "--crop-size", str(args.crop_size),
                        "--iterations", str(args.iterations), "--nprocs", str(args.nprocs),
                        "--threads", str(args.threads), "--seed", str(args.seed),
-                       "--foreground-ratio", str(args.foreground_ratio)])
+                       "--foreground-ratio", str(args.foreground_ratio),
+                       "--class-weights", args.class_weights])
     if code:
         raise SystemExit(f"training without sub-{', sub-'.join(held_out)} failed (exit {code})")
     train_s = time.perf_counter() - t0
@@ -267,6 +268,8 @@ def main(argv=None) -> int:
     parser.add_argument("--brain-only", action="store_true",
                         help="library images cropped to the brain (default: whole heads)")
     parser.add_argument("--foreground-ratio", type=float, default=0.5)
+    parser.add_argument("--class-weights", choices=["inverse-sqrt", "none"], default="inverse-sqrt",
+                        help="the training's cross-entropy class weights (none: runs before 2026-12-04)")
     parser.add_argument("--preset", default="quick", help="registration preset of the teachers")
     parser.add_argument("--fusion", choices=["mv", "jlf"], default="jlf")
     parser.add_argument("--network", default="small", help="tiny, small or paper")

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of training crops centred on a labelled voxel, the rest placed "
                         "uniformly (default 0.5; on whole heads a uniform crop is mostly outside "
                         "the brain)")
+    p.add_argument("--class-weights", choices=("inverse-sqrt", "none"), default="inverse-sqrt",
+                   help="cross-entropy weight of each class: 1/sqrt(its share of the training "
+                        "voxels) (default; without it a whole-head model never predicted the "
+                        "ventricles, BENCHMARKS.md), or none (the paper's plain cross-entropy)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--nprocs", type=int, default=None, help="teacher nodes run in parallel")
     p.add_argument("--threads", type=int, default=None, help="torch threads for training")
@@ -191,6 +195,7 @@ def train(args) -> Path:
         settings = NeuroNetTrainSettings(iterations=args.iterations, batch_size=args.batch_size,
                                          lr=args.lr, dice_weight=args.dice_weight, seed=args.seed,
                                          foreground_ratio=args.foreground_ratio,
+                                         class_weights=args.class_weights,
                                          device=str(resolve_device(args.device)))
     except ValueError as exc:
         raise UsageError(str(exc)) from None

@@ -47,12 +47,12 @@ from .model_file import ModelInfo
 
 __all__ = [
     "Prediction",
+    "centred_patch_start",
     "fill_missing_modality",
     "label_distribution",
     "labels_to_channels",
     "normalise_patch",
     "normalised_entropy",
-    "centred_patch_start",
     "pad_amounts",
     "predict",
     "random_voxel",

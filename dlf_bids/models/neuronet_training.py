@@ -11,9 +11,9 @@ whole head most of such a crop is scalp, skull and air, which the network must l
 then sees little brain per step). It applies ModAug on
 two-channel inputs (DLF's :func:`~dlf_bids.models.training.modaug`: one channel replaced by unit
 white noise, which is what a missing, z-scored modality is replaced by at inference), and
-minimises the mean over protocols of cross-entropy (+ ``dice_weight`` × soft Dice: MONAI
-``DiceCELoss``) with Adam. Everything random derives from ``seed``, so the same seed gives the
-same weights on CPU.
+minimises the mean over protocols of cross-entropy (with ``class_weights="inverse-sqrt"``
+weighted by :func:`class_weights`) + ``dice_weight`` × soft Dice (MONAI ``DiceLoss``) with
+Adam. Everything random derives from ``seed``, so the same seed gives the same weights on CPU.
 
 Model files (:func:`save_neuronet` / :func:`load_neuronet`): one ``torch.save`` of a plain dict
 loaded with ``torch.load(weights_only=True)``, written atomically. Keys (``FORMAT_VERSION`` 1):
@@ -36,7 +36,7 @@ from pathlib import Path
 import monai
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceLoss
 
 from .. import __version__
 from ..errors import BadDataError, UsageError
@@ -49,13 +49,15 @@ from .protocols import Protocol
 from .training import modaug
 
 __all__ = [
+    "CLASS_WEIGHTS",
     "FORMAT_NAME",
     "NeuroNetExample",
     "NeuroNetInfo",
     "NeuroNetTrainResult",
     "NeuroNetTrainSettings",
-    "load_neuronet",
+    "class_weights",
     "foreground_crop",
+    "load_neuronet",
     "random_crop",
     "save_neuronet",
     "settings_dict",
@@ -63,6 +65,8 @@ __all__ = [
 ]
 
 FORMAT_NAME = "dlf-bids NeuroNet"
+#: Ways to weight each protocol's classes in the loss (see :func:`class_weights`).
+CLASS_WEIGHTS = ("none", "inverse-sqrt")
 #: Newest NeuroNet model-file layout this version writes and reads.
 FORMAT_VERSION = 1
 _REQUIRED = ("format", "format_version", "config", "state_dict", "protocols", "modalities")
@@ -84,6 +88,7 @@ class NeuroNetTrainSettings:
     lr: float = 1e-3  # the paper's Adam learning rate
     dice_weight: float = 0.0  # 0: the paper's cross-entropy only
     foreground_ratio: float = 0.5  # share of crops centred on a labelled voxel
+    class_weights: str = "none"  # cross-entropy class weights: "none" or "inverse-sqrt" (of frequency)
     modaug: bool = True  # only acts on two-channel (T1w + T2w) inputs
     modaug_prob: float = 0.5
     seed: int = 0
@@ -98,6 +103,8 @@ class NeuroNetTrainSettings:
         for name in ("modaug_prob", "foreground_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UsageError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise UsageError(f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weights!r}")
 
 
 @dataclass
@@ -107,9 +114,18 @@ class NeuroNetTrainResult:
     modaug: bool = False
 
 
-def _prepare(example: NeuroNetExample, k: int, protocols: Sequence[Protocol], cfg: NeuroNetConfig):
-    """(z-scored image, {protocol: channel indices}, flat indices of the voxels any protocol
-    labels), all padded to at least the crop size."""
+@dataclass
+class PreparedExample:
+    """One example ready for cropping, everything padded to at least the crop size."""
+
+    image: np.ndarray  # z-scored (C, X, Y, Z)
+    labels: dict[str, np.ndarray]  # protocol -> channel index per voxel
+    foreground: np.ndarray  # flat indices of the voxels any protocol labels
+
+
+def prepare_example(example: NeuroNetExample, k: int, protocols: Sequence[Protocol], cfg: NeuroNetConfig) -> PreparedExample:
+    """Check one example against the protocols and the network, z-score it and turn its label
+    maps into channel indices (``k`` names it in errors when it has no ``case_id``)."""
     cid = example.case_id or f"example {k}"
     img = np.asarray(example.image, dtype=np.float32)
     if img.ndim == 3:
@@ -128,7 +144,38 @@ def _prepare(example: NeuroNetExample, k: int, protocols: Sequence[Protocol], cf
             raise BadDataError(f"{cid}: {p.name} labels have shape {lab.shape}, the image {img.shape[1:]}")
         labels[p.name] = np.pad(labels_to_channels(lab, p.channel_values, f"{cid}: {p.name} labels"), pads)
     foreground = np.flatnonzero(np.logical_or.reduce([lab > 0 for lab in labels.values()]))
-    return np.pad(zscore_volume(img), [(0, 0), *pads]), labels, foreground
+    return PreparedExample(np.pad(zscore_volume(img), [(0, 0), *pads]), labels, foreground)
+
+
+def class_weights(prepared: Sequence[PreparedExample], name: str, n_classes: int) -> torch.Tensor:
+    """Loss weight of each class of protocol ``name``: ``1 / sqrt(frequency)`` over the training
+    examples' voxels (padding to the crop size included; a class absent from all of them gets the
+    rarest present class's weight), scaled so that the voxel-weighted mean is 1. The square root
+    tempers plain inverse frequency, which would weigh a 0.01 % structure 10,000 times the
+    background; on a whole head the ventricles (~0.1 % of the voxels) get ~30 times."""
+    counts = sum(np.bincount(e.labels[name].ravel(), minlength=n_classes) for e in prepared)
+    freq = counts / counts.sum()
+    weights = np.zeros(n_classes)
+    weights[freq > 0] = freq[freq > 0] ** -0.5
+    weights[freq == 0] = weights.max()
+    return torch.tensor(weights / float((freq * weights).sum()), dtype=torch.float32)
+
+
+def _loss(prepared: Sequence[PreparedExample], protocol: Protocol, s: NeuroNetTrainSettings, device):
+    """``(logits, channel-index target (B, 1, ...)) -> loss`` of one protocol: cross-entropy (class
+    weighted with ``class_weights="inverse-sqrt"``) + ``dice_weight`` × soft Dice. The weights go
+    to the cross-entropy only: MONAI's ``DiceCELoss(weight=...)`` would also scale each class's
+    Dice term by them, which lets the rare structures' Dice swamp the loss."""
+    dice = DiceLoss(to_onehot_y=True, softmax=True)
+    weight = (class_weights(prepared, protocol.name, protocol.n_classes).to(device)
+              if s.class_weights == "inverse-sqrt" else None)
+    cross_entropy = torch.nn.CrossEntropyLoss(weight=weight)
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce = cross_entropy(logits, target[:, 0])
+        return ce + s.dice_weight * dice(logits, target) if s.dice_weight else ce
+
+    return loss
 
 
 def random_crop(shape: Sequence[int], crop: Sequence[int], rng: np.random.Generator) -> tuple[slice, ...]:
@@ -162,15 +209,14 @@ def train_neuronet(
         raise UsageError(f"the network's protocols {config.protocol_classes} do not match {expected}")
     if not examples:
         raise UsageError("no training examples")
-    prepared = [_prepare(e, k, protocols, config) for k, e in enumerate(examples)]
+    prepared = [prepare_example(e, k, protocols, config) for k, e in enumerate(examples)]
     use_modaug = bool(s.modaug and config.in_channels == 2)
     device = resolve_device(s.device)
     rng = np.random.default_rng(s.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s.seed)
         model = NeuroNet(config).to(device)
-    losses = {p.name: DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=s.dice_weight, lambda_ce=1.0)
-              for p in protocols}
+    losses = {p.name: _loss(prepared, p, s, device) for p in protocols}
     optimiser = torch.optim.Adam(model.parameters(), lr=s.lr)
 
     history: list[dict] = []
@@ -180,9 +226,10 @@ def train_neuronet(
         for it in range(s.iterations):
             images, targets = [], {p.name: [] for p in protocols}
             for _ in range(s.batch_size):
-                img, labels, foreground = prepared[int(rng.integers(0, len(prepared)))]
-                if foreground.size and s.foreground_ratio and rng.random() < s.foreground_ratio:
-                    region = foreground_crop(img.shape[1:], config.crop_size, foreground, rng)
+                example = prepared[int(rng.integers(0, len(prepared)))]
+                img, labels = example.image, example.labels
+                if example.foreground.size and s.foreground_ratio and rng.random() < s.foreground_ratio:
+                    region = foreground_crop(img.shape[1:], config.crop_size, example.foreground, rng)
                 else:
                     region = random_crop(img.shape[1:], config.crop_size, rng)
                 x = torch.from_numpy(np.ascontiguousarray(img[(slice(None), *region)]))

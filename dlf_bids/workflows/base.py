@@ -45,6 +45,11 @@ def t2w_users(config: Config, library: AtlasLibrary) -> tuple[str, ...]:
     return tuple(users)
 
 
+#: T2w outputs of ``align_atlases_to_reference`` -> the ``register_atlases`` input each feeds
+#: (same name on the image workflow's inputnode), where that node maps over it
+ALIGNED_ATLAS_T2W = (("t2w_on_reference", "atlas_t2w_on_reference"), ("t2w_to_t1w", "atlas_t2w_to_t1w"))
+
+
 def init_dlf_bids_wf(config: Config, anatomicals: list[AnatomicalInput], library: AtlasLibrary):
     """One sub-workflow per T1w image, all in one graph so MultiProc can run them in parallel."""
     workflow = pe.Workflow(name="dlf_bids_wf")
@@ -59,12 +64,13 @@ def init_dlf_bids_wf(config: Config, anatomicals: list[AnatomicalInput], library
         workflow.connect(align_atlases, "transform", image_wf, "multiatlas_wf.inputnode.atlas_transforms")
         workflow.connect(align_atlases, "on_reference", image_wf,
                          "multiatlas_wf.inputnode.atlas_on_reference")
-        if "t2w" in align_atlases.iterfield:
-            workflow.connect(align_atlases, "t2w_on_reference", image_wf,
-                             "multiatlas_wf.inputnode.atlas_t2w_on_reference")
-            if dlf_uses_t2w(config, library):  # DLF warps the atlas T2w: same rigid, once per run
-                workflow.connect(align_atlases, "t2w_to_t1w", image_wf,
-                                 "multiatlas_wf.inputnode.atlas_t2w_to_t1w")
+        # the image's register node says which atlas T2w inputs it maps over (decided once, in
+        # multiatlas.py): the T2w on the reference grid for a T1w + T2w model, and the rigid
+        # T2w -> T1w when DLF also warps the atlas T2w (the same rigid, once per run)
+        register = image_wf.get_node("multiatlas_wf.register_atlases")
+        for output, field in ALIGNED_ATLAS_T2W:
+            if field in register.iterfield:
+                workflow.connect(align_atlases, output, image_wf, f"multiatlas_wf.inputnode.{field}")
     return workflow
 
 
