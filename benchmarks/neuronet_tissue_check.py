@@ -20,12 +20,8 @@ import numpy as np
 import torch
 
 
-def dice(a: np.ndarray, b: np.ndarray, k: int) -> float:
-    total = int((a == k).sum() + (b == k).sum())
-    return 2.0 * float(((a == k) & (b == k)).sum()) / total if total else float("nan")
-
-
 def check(library: Path, model_file: Path, subject: str) -> dict:
+    from dlf_bids.evaluation import dice_per_label, mean_dice
     from dlf_bids.model_grid import to_model_grid
     from dlf_bids.models.neuronet import predict_volume
     from dlf_bids.models.neuronet_training import load_neuronet
@@ -44,11 +40,10 @@ def check(library: Path, model_file: Path, subject: str) -> dict:
     tissue = preds["tissue"].labels
     csf = truth == 3
     labels = sorted(set(np.unique(aseg).tolist()) - {0})
-    return {"GM/WM/CSF": [round(dice(tissue, truth, k), 3) for k in (1, 2, 3)],
+    return {"GM/WM/CSF": [round(d, 3) for d in dice_per_label(tissue, truth, (1, 2, 3)).values()],
             "at FreeSurfer CSF (bg/GM/WM/CSF)": np.bincount(tissue[csf], minlength=4).tolist(),
             "CSF voxels (NeuroNet, FreeSurfer)": [int((tissue == 3).sum()), int(csf.sum())],
-            "library mean Dice": round(float(np.nanmean([dice(preds["library"].labels, aseg, k)
-                                                         for k in labels])), 3)}
+            "library mean Dice": round(mean_dice(preds["library"].labels, aseg, labels), 3)}
 
 
 def main() -> None:

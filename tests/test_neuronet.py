@@ -216,14 +216,14 @@ def test_inverse_sqrt_class_weights_temper_the_frequency_and_keep_the_mean_at_on
     lab = lab.reshape(20, 20, 20)
     ex = NeuroNetExample(np.zeros((20, 20, 20), np.float32), {p.name: p.make_label_map(lab) for p in (BLOBS, BRAIN)})
     prepared = prepare_example(ex, 0, (BLOBS, BRAIN), tiny_config())
-    w = class_weights([prepared, prepared], "blobs", 3).numpy()  # channels: background, 2, 41
+    w = class_weights([prepared.labels["blobs"]] * 2, 3).numpy()  # channels: background, 2, 41
     freq = np.array([0.9, 0.01, 0.09])
     np.testing.assert_allclose((freq * w).sum(), 1.0, rtol=1e-6)
     np.testing.assert_allclose(w / w[0], np.sqrt(0.9 / freq), rtol=1e-5)
     # a class no training image holds gets the rarest present class's weight
     lab[lab == 2] = 0
     ex = NeuroNetExample(ex.image, {p.name: p.make_label_map(lab) for p in (BLOBS, BRAIN)})
-    w = class_weights([prepare_example(ex, 0, (BLOBS, BRAIN), tiny_config())], "blobs", 3).numpy()
+    w = class_weights([prepare_example(ex, 0, (BLOBS, BRAIN), tiny_config()).labels["blobs"]], 3).numpy()
     assert w[1] == w[2] > w[0]
     with pytest.raises(UsageError, match="class_weights"):
         NeuroNetTrainSettings(class_weights="inverse")

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,13 +147,14 @@ def prepare_example(example: NeuroNetExample, k: int, protocols: Sequence[Protoc
     return PreparedExample(np.pad(zscore_volume(img), [(0, 0), *pads]), labels, foreground)
 
 
-def class_weights(prepared: Sequence[PreparedExample], name: str, n_classes: int) -> torch.Tensor:
-    """Loss weight of each class of protocol ``name``: ``1 / sqrt(frequency)`` over the training
-    examples' voxels (padding to the crop size included; a class absent from all of them gets the
-    rarest present class's weight), scaled so that the voxel-weighted mean is 1. The square root
-    tempers plain inverse frequency, which would weigh a 0.01 % structure 10,000 times the
-    background; on a whole head the ventricles (~0.1 % of the voxels) get ~30 times."""
-    counts = sum(np.bincount(e.labels[name].ravel(), minlength=n_classes) for e in prepared)
+def class_weights(channel_maps: Iterable[np.ndarray], n_classes: int) -> torch.Tensor:
+    """Loss weight of each of a protocol's ``n_classes`` channels: ``1 / sqrt(frequency)`` over the
+    voxels of its training label maps (channel indices, as prepared: padding to the crop size
+    included; a class absent from all of them gets the rarest present class's weight), scaled so
+    that the voxel-weighted mean is 1. The square root tempers plain inverse frequency, which
+    would weigh a 0.01 % structure 10,000 times the background; on a whole head the ventricles
+    (~0.1 % of the voxels) get ~30 times."""
+    counts = sum(np.bincount(m.ravel(), minlength=n_classes) for m in channel_maps)
     freq = counts / counts.sum()
     weights = np.zeros(n_classes)
     weights[freq > 0] = freq[freq > 0] ** -0.5
@@ -167,7 +168,7 @@ def _loss(prepared: Sequence[PreparedExample], protocol: Protocol, s: NeuroNetTr
     to the cross-entropy only: MONAI's ``DiceCELoss(weight=...)`` would also scale each class's
     Dice term by them, which lets the rare structures' Dice swamp the loss."""
     dice = DiceLoss(to_onehot_y=True, softmax=True)
-    weight = (class_weights(prepared, protocol.name, protocol.n_classes).to(device)
+    weight = (class_weights((e.labels[protocol.name] for e in prepared), protocol.n_classes).to(device)
               if s.class_weights == "inverse-sqrt" else None)
     cross_entropy = torch.nn.CrossEntropyLoss(weight=weight)
 
