@@ -47,8 +47,14 @@ CONF
 chown -R munge:munge /etc/munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
 chmod 0400 /etc/munge/munge.key
 pgrep -x munged >/dev/null || su -s /bin/sh munge -c munged 2>/dev/null || munged --force
-pgrep -x slurmctld >/dev/null || slurmctld
-pgrep -x slurmd >/dev/null || slurmd
+# A controller that is not running starts cold (-c, and its saved state removed): a machine image
+# taken while a test job ran (/tmp survives into the image) would otherwise recover that job,
+# and the node would come up allocated to a job that no longer exists.
+if ! pgrep -x slurmctld >/dev/null; then
+    rm -rf "${state:?}"/ctld/* "${state:?}"/spool/*
+    slurmctld -c
+fi
+pgrep -x slurmd >/dev/null || slurmd -c
 
 for _ in $(seq 60); do
     if sinfo -h -o %T 2>/dev/null | grep -qx idle; then
