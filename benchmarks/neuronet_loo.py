@@ -58,19 +58,11 @@ import nibabel as nb
 import numpy as np
 from thread_env import limit_threads
 
+from dlf_bids.evaluation import dice_per_label, mean_dice
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fs-training"
 SUBJECTS = ("01", "02", "03", "04", "06")
 PROTOCOLS = ("atropos", "tissue", "structures", "library")
-
-
-def dice_of(a: np.ndarray, b: np.ndarray, classes) -> dict[int, float]:
-    out = {}
-    for k in classes:
-        x, y = a == k, b == k
-        total = int(x.sum() + y.sum())
-        if total:
-            out[int(k)] = 2.0 * float((x & y).sum()) / total
-    return out
 
 
 def mean(values) -> float:
@@ -98,10 +90,9 @@ def segment_task(t1w: str, model: str, out_dir: str, threads: int, whole_grid: b
 
 def tissue_dice(seg: np.ndarray, truth: np.ndarray) -> dict:
     """GM/WM/CSF Dice of a BIDS-tissue label map against the collapsed aseg, and GM+WM's mean."""
-    d = dice_of(seg, truth, (1, 2, 3))
-    return {"GM": round(d.get(1, float("nan")), 4), "WM": round(d.get(2, float("nan")), 4),
-            "CSF": round(d.get(3, float("nan")), 4),
-            "mean_GM_WM": round(mean([d.get(1, 0.0), d.get(2, 0.0)]), 4)}
+    d = dice_per_label(seg, truth, (1, 2, 3))
+    return {"GM": round(d[1], 4), "WM": round(d[2], 4), "CSF": round(d[3], 4),
+            "mean_GM_WM": round(mean([d[1], d[2]]), 4)}
 
 
 def time_whole_head(args, held_out: str, model: Path, fold: Path) -> dict:
@@ -219,7 +210,7 @@ def run_fold(args, all_dir: Path, held_out: list[str]) -> list[dict]:
             ours = np.asanyarray(nb.load(result.dsegs[p.name]).dataobj)
             teacher = np.asanyarray(nb.load(teacher_files[p.name]).dataobj)
             present = sorted((set(np.unique(ours)) | set(np.unique(teacher))) - {0})
-            row["agreement"][p.name] = round(mean(dice_of(ours, teacher, present).values()), 4)
+            row["agreement"][p.name] = round(mean_dice(ours, teacher, present), 4)
             if p.name in ("atropos", "tissue"):
                 for who, seg in (("neuronet", ours), ("teacher", teacher)):
                     row["tissue_vs_freesurfer"][f"{p.name}_{who}"] = tissue_dice(seg, truth)

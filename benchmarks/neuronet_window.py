@@ -21,13 +21,15 @@ from pathlib import Path
 
 import nibabel as nb
 import numpy as np
-from neuronet_loo import dice_of, mean, segment_task  # benchmarks/ is the script's folder
+from neuronet_loo import segment_task  # benchmarks/ is the script's folder
+
+from dlf_bids.evaluation import mean_dice
 
 
 def agreement(a: Path, b: Path) -> tuple[float, float]:
     x, y = (np.asanyarray(nb.load(p).dataobj) for p in (a, b))
     labels = sorted((set(np.unique(x)) | set(np.unique(y))) - {0})
-    return mean(dice_of(x, y, labels).values()), float(np.mean(x != y))
+    return mean_dice(x, y, labels), float(np.mean(x != y))
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,7 @@ import torch
 from dlf_bids.errors import BadDataError, UsageError
 from dlf_bids.models.neuronet import NeuroNet, NeuroNetConfig, predict_volume, zscore_volume
 from dlf_bids.models.neuronet_training import (
+    CLASS_WEIGHTS,
     FORMAT_VERSION,
     NeuroNetExample,
     NeuroNetTrainSettings,
@@ -227,6 +228,14 @@ def test_inverse_sqrt_class_weights_temper_the_frequency_and_keep_the_mean_at_on
     assert w[1] == w[2] > w[0]
     with pytest.raises(UsageError, match="class_weights"):
         NeuroNetTrainSettings(class_weights="inverse")
+
+
+def test_the_command_line_offers_exactly_the_class_weights_training_knows():
+    # the parser stays torch-free, so it spells the choices itself; this ties them to CLASS_WEIGHTS
+    from dlf_bids.cli.train_neuronet import build_parser
+
+    action = next(a for a in build_parser()._actions if a.dest == "class_weights")
+    assert sorted(action.choices) == sorted(CLASS_WEIGHTS) and action.default in CLASS_WEIGHTS
 
 
 # ------------------------------------------------------------------------------ model files
