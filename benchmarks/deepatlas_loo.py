@@ -16,10 +16,12 @@ trained with the real command (``dlf-bids-train-deepatlas``, in a subprocess) an
 spawned worker (1 torch / ITK thread):
 
 * every atlas → ``t`` pair warped by :func:`register_atlas_deepatlas` (time per pair, Dice of
-  the warped labels vs ``t``'s aseg, smallest Jacobian determinant), the affine pre-alignment
-  alone (what the network adds), and the ANTs quick labels of the cache (same pairs);
+  the warped labels vs ``t``'s aseg, smallest Jacobian determinant), twice: with the
+  participant level's instance optimisation (``--refine-steps``, its default) and with the
+  network's warp alone (0 steps); the affine pre-alignment alone (what the network adds), and
+  the ANTs quick labels of the cache (same pairs);
 * the segmentation network alone (:func:`segment_deepatlas`);
-* majority voting of the DeepAtlas-warped atlases; and, with ``--dlf-models`` (the fold models of
+* majority voting of the (refined) DeepAtlas-warped atlases; and, with ``--dlf-models`` (the fold models of
   ``loo_dlf.py``), Deep Label Fusion on the DeepAtlas-warped atlases and on the ANTs-warped ones,
   same model, same run.
 
@@ -50,6 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from thread_env import limit_threads  # noqa: E402
 import loo_multiatlas as lma  # noqa: E402  (EVAL_LABELS, dice_per_label, _mean_dice, _stats, ...)
 from loo_dlf import _library_files, _registration_files  # noqa: E402
+
+from dlf_bids.deepatlas_registration import REFINE_STEPS  # noqa: E402
 
 SETTINGS = ("few-shot", "one-shot")
 LOSSES = {"joint": 2.0, "no-anatomy": 0.0}
@@ -113,7 +117,7 @@ def train(cache: Path, fold_dir: Path, fold: str, subjects, setting: str, loss: 
 
 
 def evaluate_task(cache: str, fold_dir: str, fold: str, subjects: list[str], model: str,
-                  dlf_model: str | None) -> dict:
+                  dlf_model: str | None, refine_steps: int) -> dict:
     """Warp every atlas onto the held-out subject and score; runs in a spawned worker."""
     _single_thread()
     import ants
@@ -139,8 +143,13 @@ def evaluate_task(cache: str, fold_dir: str, fold: str, subjects: list[str], mod
                                    transform_type=alignment)
         align_s = time.perf_counter() - t0
         t0 = time.perf_counter()
+        network = register_atlas_deepatlas(t1w, target, a_t1w, a_dseg, atlas, model, reference,
+                                           out / f"pair-{atlas_id}-network", n_threads=1,
+                                           refine_steps=0)
+        network_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
         warp = register_atlas_deepatlas(t1w, target, a_t1w, a_dseg, atlas, model, reference,
-                                        out / f"pair-{atlas_id}", n_threads=1)
+                                        out / f"pair-{atlas_id}", n_threads=1, refine_steps=refine_steps)
         pair_s = time.perf_counter() - t0
         affine_only = ants.apply_transforms(ants.image_read(str(t1w)), ants.image_read(str(a_dseg)),
                                             [str(target.transform), str(atlas.transform)],
@@ -149,6 +158,8 @@ def evaluate_task(cache: str, fold_dir: str, fold: str, subjects: list[str], mod
         pairs[atlas_id] = {
             "atlas_alignment_s": align_s, "pair_s": pair_s, "min_jacobian": warp.min_jacobian,
             "dice_deepatlas": lma.dice_per_label(truth, _load(warp.dseg)),
+            "pair_s_network": network_s, "min_jacobian_network": network.min_jacobian,
+            "dice_deepatlas_network": lma.dice_per_label(truth, _load(network.dseg)),
             "dice_affine": lma.dice_per_label(truth, affine_only.numpy().astype(np.int32)),
             "dice_ants_quick": lma.dice_per_label(truth, _load(ants_dseg)),
         }
@@ -159,7 +170,8 @@ def evaluate_task(cache: str, fold_dir: str, fold: str, subjects: list[str], mod
     segment_s = time.perf_counter() - t0
     stack = np.stack([_load(p) for p in warped_dsegs])
     result = {
-        "fold": fold, "model": model, "target_alignment_s": target_align_s, "pairs": pairs,
+        "fold": fold, "model": model, "refine_steps": refine_steps, "target_alignment_s": target_align_s,
+        "pairs": pairs,
         "segment_s": segment_s, "dice_segmentation_net": lma.dice_per_label(truth, _load(seg)),
         "dice_mv_deepatlas": lma.dice_per_label(truth, majority_vote(stack)),
         "maxrss_mb": lma._maxrss_mb(),
@@ -209,8 +221,9 @@ def _mean(d) -> float:
 
 
 def summarize(results: list[dict], trainings: list[dict], ants_runs: list[dict]) -> str:
-    lines = ["| fold | setting / loss | train s | DeepAtlas pair Dice | affine only | ANTs quick pair Dice | "
-             "seg net | MV on DeepAtlas | DLF on DeepAtlas | DLF on ANTs | s/pair (+ atlas align) | min Jac |",
+    lines = ["| fold | setting / loss | train s | DeepAtlas pair Dice (network alone) | affine only | "
+             "ANTs quick pair Dice | seg net | MV on DeepAtlas | DLF on DeepAtlas | DLF on ANTs | "
+             "s/pair (network alone; + atlas align) | min Jac (network alone) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     train_s = {(t["fold"], f"{t['setting']}_{t['loss']}"): t["seconds"] for t in trainings}
     for r in results:
@@ -220,13 +233,15 @@ def summarize(results: list[dict], trainings: list[dict], ants_runs: list[dict])
         dlf_da = f"{_mean(r['dice_dlf_deepatlas']):.3f}" if "dice_dlf_deepatlas" in r else "—"
         dlf_ants = f"{_mean(r['dice_dlf_ants_quick']):.3f}" if "dice_dlf_ants_quick" in r else "—"
         pair_s = np.mean([p["pair_s"] for p in pairs])
+        network_s = np.mean([p["pair_s_network"] for p in pairs])
         align_s = np.mean([p["atlas_alignment_s"] for p in pairs])
         lines.append(
             f"| {r['fold']} | {key} | {train_s.get((r['fold'], key), float('nan')):.0f} | "
-            f"{col('dice_deepatlas'):.3f} | {col('dice_affine'):.3f} | {col('dice_ants_quick'):.3f} | "
+            f"{col('dice_deepatlas'):.3f} ({col('dice_deepatlas_network'):.3f}) | {col('dice_affine'):.3f} | "
+            f"{col('dice_ants_quick'):.3f} | "
             f"{_mean(r['dice_segmentation_net']):.3f} | {_mean(r['dice_mv_deepatlas']):.3f} | {dlf_da} | "
-            f"{dlf_ants} | {pair_s:.2f} (+{align_s:.2f}) | "
-            f"{min(p['min_jacobian'] for p in pairs):.3f} |")
+            f"{dlf_ants} | {pair_s:.2f} ({network_s:.2f}; +{align_s:.2f}) | "
+            f"{min(p['min_jacobian'] for p in pairs):.3f} ({min(p['min_jacobian_network'] for p in pairs):.3f}) |")
     if ants_runs:
         ants_s = np.mean([a["seconds"] for a in ants_runs])
         lines += ["", f"ANTs quick, {len(ants_runs)} pairs rerun in this run (1 thread): "
@@ -261,6 +276,8 @@ def parse_args(argv=None):
     p.add_argument("--lambda-bending", type=float, default=None,
                    help="bending energy weight (default: the trainer's)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    p.add_argument("--refine-steps", type=int, default=REFINE_STEPS,
+                   help="instance-optimisation steps per pair (default: the participant level's)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -303,7 +320,7 @@ def main(argv=None) -> int:
                 dlf = str((args.dlf_models / f"fold-{fold}" / "model.pt").absolute())
             model = str(fold_dir / f"deepatlas_{setting}_{loss}.pt")
             results.append(pool.submit(evaluate_task, str(cache), str(fold_dir), fold, subjects,
-                                       model, dlf).result())
+                                       model, dlf, args.refine_steps).result())
             print(summarize(results[-1:], trainings, []), flush=True)
             save()
     print(summarize(results, trainings, ants_runs))

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .deepatlas_registration import REFINE_STEPS
 from .fusion import FUSION_METHODS
 from .registration import REGISTRATION_ENGINES, REGISTRATION_PRESETS
 from .templates import OutputSpace
@@ -28,6 +29,7 @@ class Config:
     registration_preset: str = "quick"  # ANTs preset (--registration ants)
     registration: str = "ants"  # atlas-to-subject engine: ants or deepatlas
     deepatlas_model: Path | None = None  # trained DeepAtlas model (dlf-bids-train-deepatlas)
+    deepatlas_refine_steps: int = REFINE_STEPS  # instance-optimisation steps per atlas pair
     dlf_model: Path | None = None  # trained Deep Label Fusion model (dlf-bids-train)
     device: str = "auto"  # where DLF runs: auto (GPU when there is one), cpu or cuda
     dlf_force: bool = False  # feed noise for a missing modality even without ModAug
@@ -59,6 +61,8 @@ class Config:
             raise ValueError(f"unknown registration engine {self.registration!r}")
         if self.registration == "deepatlas" and self.deepatlas_model is None:
             raise ValueError("registration 'deepatlas' needs a trained model (deepatlas_model)")
+        if self.deepatlas_refine_steps < 0:
+            raise ValueError(f"deepatlas_refine_steps must be >= 0, got {self.deepatlas_refine_steps}")
         if "dlf" in self.fusion and self.dlf_model is None:
             raise ValueError("fusion 'dlf' needs a trained model (dlf_model)")
         if self.output_spaces and (self.templateflow_home is None

@@ -1,4 +1,5 @@
-"""DeepAtlas as a registration engine: antspyx affine pre-alignment + one network pass per pair.
+"""DeepAtlas as a registration engine: antspyx affine pre-alignment + one network pass per pair,
+refined by a few steps of instance optimisation (:data:`REFINE_STEPS`).
 
 Every image is first aligned affinely (antspyx ``Affine``) to the model's *reference grid*, a T1w
 chosen at training time and stored in the model file (at the model's voxel size, cropped to the
@@ -6,8 +7,8 @@ head). The networks only ever see images on that grid, in that orientation, so t
 deformable part alone. For an atlas ``a`` and a subject ``t`` (ANTs point mappings, fixed → moving):
 
 * ``T_t``: reference → subject and ``T_a``: reference → atlas (the two affines);
-* ``u``: the network's displacement on the reference grid (reference point ``y`` samples the
-  affinely aligned atlas at ``y + u(y)``);
+* ``u``: the network's (refined) displacement on the reference grid (reference point ``y``
+  samples the affinely aligned atlas at ``y + u(y)``);
 
 so a subject point ``x`` reads the atlas at ``T_a(T_t⁻¹(x) + u(T_t⁻¹(x)))``: the ANTs transform
 list ``[T_t (inverted), u, T_a]``. Atlas images and labels are interpolated once, on the subject's
@@ -42,6 +43,10 @@ from .registration import WarpedAtlas, _ants_seed, rigid_t2w_to_t1w, set_itk_thr
 ALIGNMENT = "TRSAA"
 #: what models written before the choice was recorded used
 LEGACY_ALIGNMENT = "Affine"
+#: steps of instance optimisation after the network's pass, per atlas pair
+#: (:mod:`dlf_bids.models.deepatlas_refine`; 0: the network's warp alone). On fold 02 of the
+#: leave-one-out benchmark 5 steps took the warped-label Dice from 0.644 to 0.700 for ~0.5 s
+REFINE_STEPS = 5
 
 
 @dataclass(frozen=True)
@@ -201,9 +206,11 @@ def register_atlas_deepatlas(target_t1w: Path | str, target: AlignedImage, atlas
                              atlas_dseg: Path | str, atlas: AlignedImage, model_file: Path | str,
                              reference_file: Path | str, out_dir: Path | str, seed: int | None = 0,
                              n_threads: int | None = None, atlas_t2w: Path | str | None = None,
-                             device: str = "cpu", write_composite: bool = True) -> DeepAtlasWarp:
+                             device: str = "cpu", write_composite: bool = True,
+                             refine_steps: int = REFINE_STEPS) -> DeepAtlasWarp:
     """Warp one atlas onto the subject with the DeepAtlas registration network (see the module
-    docstring). ``target`` and ``atlas`` are :func:`align_to_reference` of the subject's and the
+    docstring), its warp refined by ``refine_steps`` steps of instance optimisation. ``target``
+    and ``atlas`` are :func:`align_to_reference` of the subject's and the
     atlas's T1w: once per subject and once per atlas, not per pair. ``atlas_t2w`` is warped too
     (for DLF), through ``atlas.t2w_to_t1w`` when the alignment registered it, else through a
     rigid registration to the atlas T1w made here."""
@@ -219,7 +226,7 @@ def register_atlas_deepatlas(target_t1w: Path | str, target: AlignedImage, atlas
     # perfect, meaningless match for the network
     moving = network_input(atlas, info.modalities, seed=(seed or 0) + 1)
     fixed = network_input(target, info.modalities, seed=seed or 0)
-    result = register(model, moving, fixed, device=device)
+    result = register(model, moving, fixed, device=device, refine_steps=refine_steps)
 
     reference = ants.image_read(str(reference_file))
     field_file = out_dir / "deepatlas_field.nii.gz"

@@ -136,7 +136,10 @@ def test_other_argparse_errors_keep_code_2(raw, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main([str(raw), str(tmp_path / "out"), "participant", "--fusion", "magic"])
     assert exc.value.code == 2
-    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([str(raw), str(tmp_path / "out"), "participant", "--registration", "deepatlas",
+              "--deepatlas-refine-steps", "-1"])
+    assert exc.value.code == 2 and "--deepatlas-refine-steps: must be >= 0" in capsys.readouterr().err
 
 
 def test_version(capsys):

@@ -268,7 +268,8 @@ def test_training_refuses_bad_inputs():
 
 
 def test_networks_import_no_pipeline_code():
-    code = ("import sys, dlf_bids.models.deepatlas_training, dlf_bids.models.deepatlas_file; "
+    code = ("import sys, dlf_bids.models.deepatlas_training, dlf_bids.models.deepatlas_file, "
+            "dlf_bids.models.deepatlas_refine; "
             "bad = [m for m in sys.modules if m.split('.')[0] == 'nipype' or "
             "m.startswith(('dlf_bids.interfaces', 'dlf_bids.workflows'))]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

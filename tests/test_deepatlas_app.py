@@ -19,6 +19,7 @@ import pytest
 
 from dlf_bids.cli.fs2atlas import main as fs2atlas_main
 from dlf_bids.cli.run import main as dlf_bids_main
+from dlf_bids.deepatlas_registration import REFINE_STEPS
 from dlf_bids.evaluation import mean_dice
 from dlf_bids.models.deepatlas_file import read_deepatlas_info
 from dlf_bids.utils.labels import read_label_table
@@ -100,6 +101,7 @@ def test_xfm_sidecars_carry_the_warp_qc_into_the_report(demo_run):
     sidecars = sorted((out / "sub-01" / "anat").glob("sub-01_from-*_to-T1w_mode-image_xfm.json"))
     assert len(sidecars) == 3
     values = [json.loads(p.read_text())["MinimumJacobianDeterminant"] for p in sidecars]
+    assert f"refined by {REFINE_STEPS} steps" in json.loads(sidecars[0].read_text())["Description"]
     assert all(isinstance(v, float) for v in values)
     html = (out / "sub-01.html").read_text()
     assert "smallest Jacobian determinant per atlas" in html
@@ -122,6 +124,7 @@ def test_segmentations_native_grid_and_labels(demo_run):
         assert mean_dice(mv, truth, sorted(labels - {0})) > 0.45
     sidecar = json.loads((out / "sub-01" / "anat" / "sub-01_seg-mv_dseg.json").read_text())
     assert sidecar["Registration"].startswith("DeepAtlas") and sidecar["DeepAtlasModel"] == "deepatlas.pt"
+    assert sidecar["DeepAtlasRefineSteps"] == REFINE_STEPS > 0  # the default: refined warps
     assert sidecar["Description"] == ("Majority voting of atlas labels registered to the subject by "
                                       "a DeepAtlas network after an antspyx affine alignment.")
     status = json.loads((out / "logs" / "status" / "sub-01.json").read_text())
@@ -244,6 +247,8 @@ def test_cli_refuses_deepatlas_without_a_usable_model(demo_data, tmp_path, cli):
     code, _, err = cli(base + ["--registration", "deepatlas", "--deepatlas-model", str(tmp_path / "no.pt")])
     assert code == 66 and "does not exist" in the_error_line(err)
     code, _, err = cli(base + ["--deepatlas-model", str(tmp_path / "no.pt")])
+    assert code == 64 and "--registration deepatlas" in the_error_line(err)
+    code, _, err = cli(base + ["--deepatlas-refine-steps", "3"])
     assert code == 64 and "--registration deepatlas" in the_error_line(err)
 
     # a DeepAtlas file without a reference grid (saved by the model API, not the training command)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..config import Config
+from ..deepatlas_registration import REFINE_STEPS
 from ..errors import BIDSValidationError, DlfBidsError, UsageError
 from ..utils.files import check_writable_dir
 from .environment import prepare_environment
@@ -51,6 +52,14 @@ def _deepatlas_model(args) -> Path | None:
     if args.registration != "deepatlas" and args.deepatlas_model is not None:
         raise UsageError("--deepatlas-model is used by --registration deepatlas only")
     return _model_file(args.deepatlas_model, "DeepAtlas model")
+
+
+def _deepatlas_refine_steps(args) -> int:
+    if args.deepatlas_refine_steps is None:
+        return REFINE_STEPS
+    if args.registration != "deepatlas":
+        raise UsageError("--deepatlas-refine-steps is used by --registration deepatlas only")
+    return args.deepatlas_refine_steps
 
 
 def _output_spaces(args):
@@ -102,6 +111,7 @@ def config_from_args(args) -> Config:
         bids_database_dir=args.bids_database_dir.absolute() if args.bids_database_dir else None,
         fusion=_fusion_methods(args), registration_preset=args.registration_preset,
         registration=args.registration, deepatlas_model=_deepatlas_model(args),
+        deepatlas_refine_steps=_deepatlas_refine_steps(args),
         dlf_model=_model_file(args.dlf_model, "DLF model"), device=args.device, dlf_force=args.dlf_force_modalities,
         atlas_batch=args.atlas_batch, dlf_probseg=args.dlf_probseg,
         tissue_model=_model_file(args.tissue_model, "tissue model"),

@@ -6,7 +6,7 @@ import os
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
-from ..deepatlas_registration import (ALIGNMENT, AlignedImage, align_to_reference,
+from ..deepatlas_registration import (ALIGNMENT, REFINE_STEPS, AlignedImage, align_to_reference,
                                       make_reference_grid, model_reference,
                                       register_atlas_deepatlas, segment_deepatlas)
 
@@ -122,6 +122,8 @@ class _RegisterAtlasDeepAtlasInputSpec(_SubjectOnReferenceInputSpec):
     atlas_t2w_to_t1w = File(exists=True, desc="atlas T2w -> T1w rigid of the run's alignment "
                                               "(else registered here)")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="ITK threads")
+    refine_steps = traits.Int(REFINE_STEPS, usedefault=True,
+                              desc="instance-optimisation steps on the pair (0: the network alone)")
 
 
 class _RegisterAtlasDeepAtlasOutputSpec(TraitedSpec):
@@ -134,11 +136,12 @@ class _RegisterAtlasDeepAtlasOutputSpec(TraitedSpec):
     xfm_metadata = traits.Dict(desc="sidecar of the composite transform (with min_jacobian)")
 
 
-def xfm_sidecar(min_jacobian: float) -> dict:
+def xfm_sidecar(min_jacobian: float, refine_steps: int) -> dict:
     """The sidecar of an atlas -> T1w composite: what it holds, and the QC number of its warp."""
+    refined = f" (refined by {refine_steps} steps of optimisation on this pair)" if refine_steps else ""
     return {"Description": "Atlas -> T1w transform, one ANTs composite: the subject's affine to "
                            "the DeepAtlas reference grid (inverted), the network's displacement "
-                           "there, the atlas's affine to that grid",
+                           f"there{refined}, the atlas's affine to that grid",
             "MinimumJacobianDeterminant": round(float(min_jacobian), 4)}
 
 
@@ -157,11 +160,11 @@ class RegisterAtlasDeepAtlas(SimpleInterface):
             i.target_t1w, i.aligned_target(), i.atlas_t1w, i.atlas_dseg, atlas, i.model_file,
             i.reference, runtime.cwd, seed=self.inputs.seed,
             n_threads=self.inputs.num_threads, atlas_t2w=self.inputs.atlas_t2w or None,
-            device=self.inputs.device)
+            device=self.inputs.device, refine_steps=self.inputs.refine_steps)
         self._results.update(warped_t1w=str(warped.t1w), warped_dseg=str(warped.dseg),
                              transforms=[str(t) for t in warped.transforms],
                              composite=str(warped.composite), min_jacobian=warped.min_jacobian,
-                             xfm_metadata=xfm_sidecar(warped.min_jacobian))
+                             xfm_metadata=xfm_sidecar(warped.min_jacobian, i.refine_steps))
         if warped.t2w is not None:
             self._results["warped_t2w"] = str(warped.t2w)
         return runtime

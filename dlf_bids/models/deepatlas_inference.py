@@ -81,8 +81,11 @@ class RegistrationResult:
 
 
 @torch.no_grad()
-def register(model: DeepAtlas, moving, target, moving_labels=None, device="cpu") -> RegistrationResult:
-    """Register ``moving`` to ``target`` (same shape, ``(C, X, Y, Z)`` or 3D for one channel)."""
+def register(model: DeepAtlas, moving, target, moving_labels=None, device="cpu",
+             refine_steps: int = 0) -> RegistrationResult:
+    """Register ``moving`` to ``target`` (same shape, ``(C, X, Y, Z)`` or 3D for one channel): one
+    network pass, then ``refine_steps`` steps of instance optimisation on this pair
+    (:func:`~.deepatlas_refine.refine_warp`; 0: the network's warp alone)."""
     cfg = model.config
     dev = resolve_device(device)
     mov = as_channels(moving, cfg.in_channels, "moving image")
@@ -92,19 +95,25 @@ def register(model: DeepAtlas, moving, target, moving_labels=None, device="cpu")
     pads = padding(mov.shape[1:], cfg.size_divisor)
     net_in = [prepare_volume(a, cfg.in_channels, cfg.size_divisor)[None].to(dev) for a in (mov, tgt)]
     model.eval()
-    ddf = model.registration(*net_in)
-    # warp the input intensities (padded with zeros) rather than the normalised network input
-    warped = warp_image(torch.from_numpy(pad(mov, pads))[None].to(dev), ddf)
+    if refine_steps:
+        # imported here: deepatlas_refine imports the training losses, which import this module
+        from .deepatlas_refine import refine_warp
+
+        velocity = crop(model.registration.velocity(*net_in), pads)
+        ddf = refine_warp(model, *(crop(x, pads) for x in net_in), velocity, steps=refine_steps)
+    else:
+        ddf = crop(model.registration(*net_in), pads)
+    # warp the input intensities rather than the normalised network input
+    warped = warp_image(torch.from_numpy(mov)[None].to(dev), ddf)
     labels = None
     if moving_labels is not None:
         lab = np.asarray(moving_labels)
         if lab.shape != mov.shape[1:]:
             raise BadDataError(f"moving labels {lab.shape} do not match the moving image {mov.shape[1:]}")
-        lab_t = torch.from_numpy(pad(lab.astype(np.float32), pads))[None, None].to(dev)
-        labels = crop(warp_labels(lab_t, ddf)[0, 0], pads).cpu().numpy().astype(lab.dtype)
-    ddf = crop(ddf, pads)
+        lab_t = torch.from_numpy(lab.astype(np.float32))[None, None].to(dev)
+        labels = warp_labels(lab_t, ddf)[0, 0].cpu().numpy().astype(lab.dtype)
     return RegistrationResult(
-        ddf=ddf[0].cpu().numpy(), warped=crop(warped[0], pads).cpu().numpy(), labels=labels,
+        ddf=ddf[0].cpu().numpy(), warped=warped[0].cpu().numpy(), labels=labels,
         min_jacobian=float(jacobian_determinant(ddf).min()),
     )
 

@@ -82,7 +82,8 @@ def segmentation_metadata(config: Config, anat: AnatomicalInput, library: AtlasL
     registration = {"RegistrationPreset": config.registration_preset}
     if config.registration == "deepatlas":
         registration = {"Registration": "DeepAtlas network after an antspyx affine alignment",
-                        "DeepAtlasModel": config.deepatlas_model.name}
+                        "DeepAtlasModel": config.deepatlas_model.name,
+                        "DeepAtlasRefineSteps": config.deepatlas_refine_steps}
     return {
         "Description": FUSION_DESCRIPTIONS[method].format(engine=ENGINE_PHRASES[config.registration]),
         "Sources": sources,

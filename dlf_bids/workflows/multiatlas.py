@@ -90,7 +90,8 @@ def _deepatlas_registration(config: Config, library: AtlasLibrary, workflow, inp
             iterfield.append("atlas_t2w_to_t1w")
     register = pe.MapNode(
         RegisterAtlasDeepAtlas(model_file=str(config.deepatlas_model), device=config.device,
-                               seed=config.seed, num_threads=config.registration_threads),
+                               seed=config.seed, num_threads=config.registration_threads,
+                               refine_steps=config.deepatlas_refine_steps),
         iterfield=iterfield + (["atlas_t2w"] if warp_t2w else []), name="register_atlases",
         mem_gb=mem_gb)
     register.inputs.atlas_t1w = [str(a.t1w) for a in library.atlases]
