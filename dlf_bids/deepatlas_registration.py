@@ -45,7 +45,7 @@ ALIGNMENT = "TRSAA"
 LEGACY_ALIGNMENT = "Affine"
 #: steps of instance optimisation after the network's pass, per atlas pair
 #: (:mod:`dlf_bids.models.deepatlas_refine`; 0: the network's warp alone). On fold 02 of the
-#: leave-one-out benchmark 5 steps took the warped-label Dice from 0.644 to 0.700 for ~0.5 s
+#: leave-one-out benchmark 5 steps took the warped-label Dice from 0.644 to 0.700 for ~0.9 s
 REFINE_STEPS = 5
 
 

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a trained DeepAtlas model (from dlf-bids-train-deepatlas)")
     seg.add_argument("--deepatlas-refine-steps", type=_non_negative_int, metavar="N",
                      help="with --registration deepatlas: steps of instance optimisation that "
-                          "refine the network's warp of each atlas on that pair (~0.1 s each on "
+                          "refine the network's warp of each atlas on that pair (~0.2 s each on "
                           f"a 3 mm model grid; 0: the network's warp alone; default {REFINE_STEPS})")
     seg.add_argument("--tissue-model", type=Path, metavar="FILE",
                      help="a NeuroNet model (dlf-bids-train-neuronet): also write the tissue "

@@ -5,7 +5,8 @@ close to, but short of, what optimising that one pair would give. A few Adam ste
 own registration loss, started from the network's output, recover much of the rest (what
 learned-registration papers call instance-specific optimisation). On fold 02 of the leave-one-out
 benchmark (BENCHMARKS.md), 5 steps took the warped-label Dice from 0.644 to 0.700 (ANTs ``quick``:
-0.682) for ~0.5 s per pair on one core.
+0.682) for ~0.9 s per pair on one core; on fold 01, not used to choose the setting, from 0.681
+to 0.704.
 
 What is optimised and why:
 
@@ -56,7 +57,8 @@ def refine_warp(model: DeepAtlas, moving: torch.Tensor, target: torch.Tensor,
     the module docstring; the participant level's number is
     :data:`dlf_bids.deepatlas_registration.REFINE_STEPS`), from the network's ``velocity`` on the same grid as the normalised
     network inputs ``moving`` and ``target`` ``(1, C, *spatial)``."""
-    if steps < 1:  # 0 steps would still differ from the network's warp: integrated at half resolution
+    # 0 steps would still differ from the network's warp (integrated at half resolution)
+    if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     config = model.config
     full = tuple(velocity.shape[2:])
