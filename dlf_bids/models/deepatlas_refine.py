@@ -30,7 +30,6 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import DVF2DDF
 
 from .deepatlas import DeepAtlas, warp_image
 from .deepatlas_training import DeepAtlasLosses
@@ -63,9 +62,7 @@ def refine_warp(model: DeepAtlas, moving: torch.Tensor, target: torch.Tensor,
     config = model.config
     full = tuple(velocity.shape[2:])
     half = tuple((n + 1) // 2 for n in full)
-    with warnings.catch_warnings():  # MONAI's note that it uses torch's grid_sample: expected
-        warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample")
-        integrate = DVF2DDF(num_steps=config.integration_steps)
+    integrate = model.registration.integrate  # the network's own scaling and squaring
     losses = DeepAtlasLosses(config)
     moving_t1w, target_t1w = moving[:, :1].detach(), target[:, :1].detach()
 
