@@ -13,7 +13,9 @@ For each held-out subject ``t`` (a *fold*), for each setting:
 and each loss (``joint``: anatomy weight 2; ``no-anatomy``: anatomy weight 0, i.e. registration
 trained on similarity + bending alone and segmentation on the labelled images alone), a model is
 trained with the real command (``dlf-bids-train-deepatlas``, in a subprocess) and evaluated in a
-spawned worker (1 torch / ITK thread):
+spawned worker (1 torch / ITK thread). Every fold gets few-shot joint (the main table); the
+``--ablation-folds`` also get the other three (few-shot no-anatomy, one-shot joint and
+no-anatomy). Evaluation:
 
 * every atlas → ``t`` pair warped by :func:`register_atlas_deepatlas` (time per pair, Dice of
   the warped labels vs ``t``'s aseg, smallest Jacobian determinant), twice: with the
@@ -266,11 +268,12 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=Path("bench-out/deepatlas-loo"))
     p.add_argument("--folds", nargs="+", default=list(lma.DEFAULT_SUBJECTS))
     p.add_argument("--ablation-folds", nargs="*", default=["01"],
-                   help="folds that also get the one-shot models (joint and no-anatomy)")
+                   help="folds that also get the ablation models: few-shot without the anatomy "
+                        "loss, one-shot joint and without")
     p.add_argument("--ants-timing-fold", default="01", help="fold whose ANTs pairs are rerun and timed")
     p.add_argument("--voxel-size", type=float, default=3.0)
     p.add_argument("--network", default="small")
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--phase-steps", type=int, default=20)
     p.add_argument("--lr-registration", type=float, default=2e-3)
     p.add_argument("--lambda-bending", type=float, default=None,
@@ -292,7 +295,8 @@ def main(argv=None) -> int:
     trainings, results, ants_runs = [], [], []
     runs = [(fold, "few-shot", "joint") for fold in args.folds]  # the main table first
     ablations = [(fold, setting, loss) for fold in args.ablation_folds
-                 for setting, loss in (("one-shot", "joint"), ("one-shot", "no-anatomy"))]
+                 for setting, loss in (("few-shot", "no-anatomy"), ("one-shot", "joint"),
+                                       ("one-shot", "no-anatomy"))]
 
     def save():  # after every step, so an interrupted run keeps what it measured
         state = {"args": {k: str(v) for k, v in vars(args).items()}, "started": started.isoformat(),
