@@ -56,6 +56,7 @@ import loo_multiatlas as lma  # noqa: E402  (EVAL_LABELS, dice_per_label, _mean_
 from loo_dlf import _library_files, _registration_files  # noqa: E402
 
 from dlf_bids.deepatlas_registration import REFINE_STEPS  # noqa: E402
+from dlf_bids.models.deepatlas_training import DEFAULT_GRID_MM, DeepAtlasTrainSettings  # noqa: E402
 
 SETTINGS = ("few-shot", "one-shot")
 LOSSES = {"joint": 2.0, "no-anatomy": 0.0}
@@ -271,11 +272,12 @@ def parse_args(argv=None):
                    help="folds that also get the ablation models: few-shot without the anatomy "
                         "loss, one-shot joint and without")
     p.add_argument("--ants-timing-fold", default="01", help="fold whose ANTs pairs are rerun and timed")
-    p.add_argument("--voxel-size", type=float, default=3.0)
+    trainer = DeepAtlasTrainSettings()  # the trainer's defaults: the recipe of the tables
+    p.add_argument("--voxel-size", type=float, default=DEFAULT_GRID_MM)
     p.add_argument("--network", default="small")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--phase-steps", type=int, default=20)
-    p.add_argument("--lr-registration", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=trainer.steps)
+    p.add_argument("--phase-steps", type=int, default=trainer.phase_steps)
+    p.add_argument("--lr-registration", type=float, default=trainer.lr_registration)
     p.add_argument("--lambda-bending", type=float, default=None,
                    help="bending energy weight (default: the trainer's)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for training")

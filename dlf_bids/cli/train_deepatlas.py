@@ -31,7 +31,7 @@ NETWORKS = {
 
 def build_parser() -> argparse.ArgumentParser:
     from ..models.deepatlas import DEFAULT_LAMBDA_R
-    from ..models.deepatlas_training import DeepAtlasTrainSettings
+    from ..models.deepatlas_training import DEFAULT_GRID_MM, DeepAtlasTrainSettings
 
     defaults = DeepAtlasTrainSettings()
     p = argparse.ArgumentParser(
@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with or without T2w images")
     p.add_argument("--reference", type=Path, metavar="IMAGE",
                    help="T1w defining the networks' grid (default: the first atlas's T1w)")
-    p.add_argument("--voxel-size", type=float, default=3.0,
-                   help="grid voxel size in mm (default 3, the benchmarked grid; 2 has 3.4x the voxels)")
+    p.add_argument("--voxel-size", type=float, default=DEFAULT_GRID_MM,
+                   help=f"grid voxel size in mm (default {DEFAULT_GRID_MM:g}, the benchmarked grid; "
+                        "2 has 3.4x the voxels)")
     p.add_argument("--network", choices=sorted(NETWORKS), default="small",
                    help="U-Net widths: tiny (tests), small (default), paper (5 levels)")
     p.add_argument("--steps", type=int, default=defaults.steps,
