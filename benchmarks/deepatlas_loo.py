@@ -10,12 +10,12 @@ For each held-out subject ``t`` (a *fold*), for each setting:
 * ``few-shot``: the 4 other subjects labelled, ``t`` unlabelled (the study being segmented);
 * ``one-shot``: one other subject labelled (the first), the other 3 and ``t`` unlabelled;
 
-and each loss (``joint``: anatomy weight 2; ``no-anatomy``: anatomy weight 0, i.e. registration
-trained on similarity + bending alone and segmentation on the labelled images alone), a model is
-trained with the real command (``dlf-bids-train-deepatlas``, in a subprocess) and evaluated in a
-spawned worker (1 torch / ITK thread). Every fold gets few-shot joint (the main table); the
-``--ablation-folds`` also get the other three (few-shot no-anatomy, one-shot joint and
-no-anatomy). Evaluation:
+and each loss (``joint``: the trainer's anatomy weight, 2; ``no-anatomy``: anatomy weight 0,
+i.e. registration trained on similarity + bending alone and segmentation on the labelled images
+alone), a model is trained with the real command (``dlf-bids-train-deepatlas``, in a
+subprocess) and evaluated in a spawned worker (1 torch / ITK thread). Every fold gets few-shot
+joint (the main table); the ``--ablation-folds`` also get the other three (few-shot no-anatomy,
+one-shot joint and no-anatomy). Evaluation:
 
 * every atlas → ``t`` pair warped by :func:`register_atlas_deepatlas` (time per pair, Dice of
   the warped labels vs ``t``'s aseg, smallest Jacobian determinant), twice: with the
@@ -56,10 +56,11 @@ import loo_multiatlas as lma  # noqa: E402  (EVAL_LABELS, dice_per_label, _mean_
 from loo_dlf import _library_files, _registration_files  # noqa: E402
 
 from dlf_bids.deepatlas_registration import REFINE_STEPS  # noqa: E402
+from dlf_bids.models.deepatlas import DEFAULT_LAMBDA_A  # noqa: E402
 from dlf_bids.models.deepatlas_training import DEFAULT_GRID_MM, DeepAtlasTrainSettings  # noqa: E402
 
 SETTINGS = ("few-shot", "one-shot")
-LOSSES = {"joint": 2.0, "no-anatomy": 0.0}
+LOSSES = {"joint": DEFAULT_LAMBDA_A, "no-anatomy": 0.0}  # anatomy loss weight
 
 
 def _load(path, dtype=np.int32) -> np.ndarray:

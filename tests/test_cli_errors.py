@@ -140,6 +140,9 @@ def test_other_argparse_errors_keep_code_2(raw, tmp_path, capsys):
         main([str(raw), str(tmp_path / "out"), "participant", "--registration", "deepatlas",
               "--deepatlas-refine-steps", "-1"])
     assert exc.value.code == 2 and "--deepatlas-refine-steps: must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main([str(raw), str(tmp_path / "out"), "participant", "--omp-nthreads", "two"])
+    assert exc.value.code == 2 and "--omp-nthreads: invalid int value: 'two'" in capsys.readouterr().err
 
 
 def test_version(capsys):

@@ -32,18 +32,20 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def _positive_int(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return n
+def _int_at_least(minimum: int):
+    """An argparse ``type``: an integer no smaller than ``minimum`` (else exit 2 with a reason)."""
+
+    def int_(value: str) -> int:
+        n = int(value)
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return n
+
+    int_.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+    return int_
 
 
-def _non_negative_int(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return n
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def _output_space(value: str) -> str:

@@ -30,7 +30,7 @@ NETWORKS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..models.deepatlas import DEFAULT_LAMBDA_R
+    from ..models.deepatlas import DEFAULT_LAMBDA_A, DEFAULT_LAMBDA_R, DEFAULT_LAMBDA_SP
     from ..models.deepatlas_training import DEFAULT_GRID_MM, DeepAtlasTrainSettings
 
     defaults = DeepAtlasTrainSettings()
@@ -69,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"registration network's Adam learning rate (default {defaults.lr_registration:g})")
     p.add_argument("--lr-segmentation", type=float, default=defaults.lr_segmentation,
                    help=f"segmentation network's Adam learning rate (default {defaults.lr_segmentation:g})")
-    p.add_argument("--lambda-anatomy", type=float, default=2.0,
-                   help="anatomy loss weight (0: registration and segmentation trained apart)")
-    p.add_argument("--lambda-supervised", type=float, default=3.0, help="supervised Dice weight")
+    p.add_argument("--lambda-anatomy", type=float, default=DEFAULT_LAMBDA_A,
+                   help=f"anatomy loss weight (default {DEFAULT_LAMBDA_A:g}; 0: registration and "
+                        "segmentation trained apart)")
+    p.add_argument("--lambda-supervised", type=float, default=DEFAULT_LAMBDA_SP,
+                   help=f"supervised Dice weight (default {DEFAULT_LAMBDA_SP:g})")
     p.add_argument("--lambda-bending", type=float, default=DEFAULT_LAMBDA_R,
                    help=f"bending energy weight, displacements in voxels (default {DEFAULT_LAMBDA_R:.4g})")
     p.add_argument("-w", "--work-dir", type=Path, default=Path("work"), help="alignments cache")

@@ -51,6 +51,9 @@ __all__ = [
 #: "DeepAtlas") the re-implementation's weight let long-trained warps fold (smallest Jacobian
 #: determinant -0.9) and scored lower than the stiffer warp on every accuracy column.
 DEFAULT_LAMBDA_R = 16 * 7.5 * (2.0 / 128.0) ** 2
+#: anatomy (warped-label Dice) and supervised Dice weights: the public re-implementation's
+DEFAULT_LAMBDA_A = 2.0
+DEFAULT_LAMBDA_SP = 3.0
 
 
 @dataclass
@@ -65,8 +68,8 @@ class DeepAtlasConfig(DictConfig):
     reg_channels: tuple[int, ...] = (16, 32, 32, 64, 64)
     seg_channels: tuple[int, ...] = (16, 32, 64, 128, 256)
     integration_steps: int = 7
-    lambda_a: float = 2.0  # anatomy (warped-label Dice) weight, public re-implementation's default
-    lambda_sp: float = 3.0  # supervised Dice weight, public re-implementation's default
+    lambda_a: float = DEFAULT_LAMBDA_A
+    lambda_sp: float = DEFAULT_LAMBDA_SP
     lambda_r: float = DEFAULT_LAMBDA_R
     lncc_kernel: int = 9  # local NCC window (voxels), odd
     labels: tuple[int, ...] | None = None
