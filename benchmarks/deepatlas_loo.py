@@ -18,7 +18,8 @@ joint (the main table); the ``--ablation-folds`` also get the other three (few-s
 one-shot joint and no-anatomy). Evaluation:
 
 * every atlas → ``t`` pair warped by :func:`register_atlas_deepatlas` (time per pair, Dice of
-  the warped labels vs ``t``'s aseg, smallest Jacobian determinant), twice: with the
+  the warped labels vs ``t``'s aseg, smallest Jacobian determinant and share of folded voxels
+  on the model's grid), twice: with the
   participant level's instance optimisation (``--refine-steps``, its default) and with the
   network's warp alone (0 steps); the affine pre-alignment alone (what the network adds), and
   the ANTs quick labels of the cache (same pairs);
@@ -161,6 +162,7 @@ def evaluate_task(cache: str, fold_dir: str, fold: str, subjects: list[str], mod
         ants_dseg = _registration_files(cache_p, fold, atlas_id)[1]
         pairs[atlas_id] = {
             "atlas_alignment_s": align_s, "pair_s": pair_s, "min_jacobian": warp.min_jacobian,
+            "folded_fraction": warp.folded_fraction, "folded_fraction_network": network.folded_fraction,
             "dice_deepatlas": lma.dice_per_label(truth, _load(warp.dseg)),
             "pair_s_network": network_s, "min_jacobian_network": network.min_jacobian,
             "dice_deepatlas_network": lma.dice_per_label(truth, _load(network.dseg)),
@@ -224,11 +226,18 @@ def _mean(d) -> float:
     return lma._mean_dice(d)
 
 
+def _folded_percent(pairs, key) -> str:
+    """Mean share of folded voxels over the pairs, in %; "—" for results older than the column."""
+    values = [p[key] for p in pairs if key in p]
+    return f"{100 * np.mean(values):.3f}" if values else "—"
+
+
 def summarize(results: list[dict], trainings: list[dict], ants_runs: list[dict]) -> str:
     lines = ["| fold | setting / loss | train s | DeepAtlas pair Dice (network alone) | affine only | "
              "ANTs quick pair Dice | seg net | MV on DeepAtlas | DLF on DeepAtlas | DLF on ANTs | "
-             "s/pair (network alone; + atlas align) | min Jac (network alone) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "s/pair (network alone; + atlas align) | min Jac (network alone) | "
+             "folded voxels, % (network alone) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     train_s = {(t["fold"], f"{t['setting']}_{t['loss']}"): t["seconds"] for t in trainings}
     for r in results:
         key = Path(r["model"]).stem.removeprefix("deepatlas_")
@@ -245,7 +254,8 @@ def summarize(results: list[dict], trainings: list[dict], ants_runs: list[dict])
             f"{col('dice_ants_quick'):.3f} | "
             f"{_mean(r['dice_segmentation_net']):.3f} | {_mean(r['dice_mv_deepatlas']):.3f} | {dlf_da} | "
             f"{dlf_ants} | {pair_s:.2f} ({network_s:.2f}; +{align_s:.2f}) | "
-            f"{min(p['min_jacobian'] for p in pairs):.3f} ({min(p['min_jacobian_network'] for p in pairs):.3f}) |")
+            f"{min(p['min_jacobian'] for p in pairs):.3f} ({min(p['min_jacobian_network'] for p in pairs):.3f}) | "
+            f"{_folded_percent(pairs, 'folded_fraction')} ({_folded_percent(pairs, 'folded_fraction_network')}) |")
     if ants_runs:
         ants_s = np.mean([a["seconds"] for a in ants_runs])
         lines += ["", f"ANTs quick, {len(ants_runs)} pairs rerun in this run (1 thread): "

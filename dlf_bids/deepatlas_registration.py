@@ -200,6 +200,7 @@ def model_reference(model_file: Path | str, out_file: Path | str) -> tuple[Path,
 class DeepAtlasWarp(WarpedAtlas):
     composite: Path | None = None  # subject <- atlas, one ANTs composite transform (.h5)
     min_jacobian: float = float("nan")  # of the network's warp: <= 0 means folding
+    folded_fraction: float = float("nan")  # of the reference grid's voxels, where it is <= 0
 
 
 def register_atlas_deepatlas(target_t1w: Path | str, target: AlignedImage, atlas_t1w: Path | str,
@@ -261,7 +262,8 @@ def register_atlas_deepatlas(target_t1w: Path | str, target: AlignedImage, atlas
                  ants.read_transform(str(atlas.transform))]
         ants.write_transform(ants.compose_ants_transforms(parts), str(composite))
     return DeepAtlasWarp(t1w_out, dseg_out, tuple(Path(t) for t in transforms), t2w_out,
-                         composite=composite, min_jacobian=result.min_jacobian)
+                         composite=composite, min_jacobian=result.min_jacobian,
+                         folded_fraction=result.folded_fraction)
 
 
 def segment_deepatlas(target_t1w: Path | str, target: AlignedImage, model_file: Path | str,

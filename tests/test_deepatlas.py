@@ -133,8 +133,32 @@ def test_untrained_registration_is_the_identity():
     assert res.ddf.shape == (3, 18, 21, 20) and not res.ddf.any()
     assert np.array_equal(res.labels, m_lab) and res.labels.dtype == m_lab.dtype
     assert np.allclose(res.warped[0], m, rtol=1e-6, atol=1e-3) and res.min_jacobian == 1.0
+    assert res.folded_fraction == 0.0
     seg = segment(model, t)
     assert seg.shape == t.shape and set(np.unique(seg)) <= set(LABELS)
+
+
+class _FixedWarp(torch.nn.Module):
+    """Stands in for the registration network: always the same displacement field."""
+
+    def __init__(self, ddf):
+        super().__init__()
+        self.ddf = ddf
+
+    def forward(self, moving, target):
+        return self.ddf
+
+
+def test_registration_reports_how_much_of_the_grid_folds():
+    model = DeepAtlas(tiny_config()).eval()
+    grid = torch.stack(torch.meshgrid(*[torch.arange(16.0)] * 3, indexing="ij"))[None]
+    ddf = torch.zeros_like(grid)
+    ddf[:, 0, :, :, :6] = -2.0 * grid[:, 0, :, :, :6]  # mirrored in x on the first 6 z-slices
+    model.registration = _FixedWarp(ddf)
+    (m, _), (t, _) = phantoms([0, 1], S=(16, 16, 16))
+    res = register(model, m, t)
+    expected = float((jacobian_determinant(ddf) <= 0).double().mean())
+    assert res.min_jacobian < 0 and 0.3 < res.folded_fraction == expected < 0.5
 
 
 def test_config_round_trip_and_validation():

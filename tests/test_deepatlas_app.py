@@ -103,6 +103,7 @@ def test_xfm_sidecars_carry_the_warp_qc_into_the_report(demo_run):
     values = [json.loads(p.read_text())["MinimumJacobianDeterminant"] for p in sidecars]
     assert f"refined by {REFINE_STEPS} steps" in json.loads(sidecars[0].read_text())["Description"]
     assert all(isinstance(v, float) for v in values)
+    assert all(0 <= json.loads(p.read_text())["FoldedVoxelFraction"] <= 1 for p in sidecars)
     html = (out / "sub-01.html").read_text()
     assert "smallest Jacobian determinant per atlas" in html
     assert f"atlasa01 {values[0]:.2f}" in html

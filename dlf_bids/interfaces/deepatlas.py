@@ -136,13 +136,15 @@ class _RegisterAtlasDeepAtlasOutputSpec(TraitedSpec):
     xfm_metadata = traits.Dict(desc="sidecar of the composite transform (with min_jacobian)")
 
 
-def xfm_sidecar(min_jacobian: float, refine_steps: int) -> dict:
-    """The sidecar of an atlas -> T1w composite: what it holds, and the QC number of its warp."""
+def xfm_sidecar(min_jacobian: float, folded_fraction: float, refine_steps: int) -> dict:
+    """The sidecar of an atlas -> T1w composite: what it holds, and the QC numbers of its warp."""
     refined = f" (refined by {refine_steps} steps of optimisation on this pair)" if refine_steps else ""
     return {"Description": "Atlas -> T1w transform, one ANTs composite: the subject's affine to "
                            "the DeepAtlas reference grid (inverted), the network's displacement "
                            f"there{refined}, the atlas's affine to that grid",
-            "MinimumJacobianDeterminant": round(float(min_jacobian), 4)}
+            "MinimumJacobianDeterminant": round(float(min_jacobian), 4),
+            # share of the DeepAtlas grid's voxels where the warp folds (determinant <= 0)
+            "FoldedVoxelFraction": round(float(folded_fraction), 6)}
 
 
 class RegisterAtlasDeepAtlas(SimpleInterface):
@@ -164,7 +166,8 @@ class RegisterAtlasDeepAtlas(SimpleInterface):
         self._results.update(warped_t1w=str(warped.t1w), warped_dseg=str(warped.dseg),
                              transforms=[str(t) for t in warped.transforms],
                              composite=str(warped.composite), min_jacobian=warped.min_jacobian,
-                             xfm_metadata=xfm_sidecar(warped.min_jacobian, i.refine_steps))
+                             xfm_metadata=xfm_sidecar(warped.min_jacobian, warped.folded_fraction,
+                                                      i.refine_steps))
         if warped.t2w is not None:
             self._results["warped_t2w"] = str(warped.t2w)
         return runtime

@@ -72,12 +72,13 @@ class RegistrationResult:
     """``ddf`` ``(3, X, Y, Z)`` voxels (moving sampled at ``x + ddf(x)``); ``warped`` the moving
     image on the target grid (input intensities, trilinear); ``labels`` the moving label map
     warped (nearest) when given; ``min_jacobian`` the smallest Jacobian determinant (<= 0:
-    folding)."""
+    folding) and ``folded_fraction`` the fraction of the grid's voxels where it is <= 0."""
 
     ddf: np.ndarray
     warped: np.ndarray
     labels: np.ndarray | None
     min_jacobian: float
+    folded_fraction: float
 
 
 @torch.no_grad()
@@ -112,9 +113,10 @@ def register(model: DeepAtlas, moving, target, moving_labels=None, device="cpu",
             raise BadDataError(f"moving labels {lab.shape} do not match the moving image {mov.shape[1:]}")
         lab_t = torch.from_numpy(lab.astype(np.float32))[None, None].to(dev)
         labels = warp_labels(lab_t, ddf)[0, 0].cpu().numpy().astype(lab.dtype)
+    jacobian = jacobian_determinant(ddf)
     return RegistrationResult(
         ddf=ddf[0].cpu().numpy(), warped=warped[0].cpu().numpy(), labels=labels,
-        min_jacobian=float(jacobian_determinant(ddf).min()),
+        min_jacobian=float(jacobian.min()), folded_fraction=float((jacobian <= 0).double().mean()),
     )
 
 
